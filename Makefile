@@ -1,0 +1,39 @@
+# Two front doors: `make pipeline` (set up on first use, run TDM on the default data) and
+# `make test`. Everything else is a building block.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# On GPU machines install a CUDA build of torch into .venv first (see README); this default is
+# the CPU wheel these project machines carry.
+TORCH_SPEC ?= torch==2.13.0
+PARAMS ?= params.yaml
+SET ?=
+
+.PHONY: setup pipeline test test-all lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[mlops,dev]"
+	touch $(STAMP)
+
+pipeline: $(STAMP)
+	$(VENV)/bin/tdm pipeline --params $(PARAMS) $(SET)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check tdm tasks flows tests benchmarks
+	$(VENV)/bin/ruff format --check tdm tasks flows tests benchmarks
+
+clean:
+	rm -rf prepared trees models embeddings metrics runs

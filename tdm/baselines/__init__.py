@@ -1,0 +1,1 @@
+"""Baselines evaluated with the same protocol, metrics and filter modes as TDM."""

@@ -1,0 +1,161 @@
+"""The ``tdm`` command: one thin sub-command per stage function in ``tdm.stages``.
+
+Every command takes ``--params FILE`` and any number of ``--set section.key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tdm.config import ConfigError, load_config
+from tdm.paths import Paths
+
+log = logging.getLogger("tdm")
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--params", default="params.yaml", help="params file (YAML)")
+    common.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one params value (repeatable)",
+    )
+    common.add_argument("--root", default=".", help="folder the artefacts are written under")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    parser = argparse.ArgumentParser(prog="tdm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help_, description=help_)
+
+    add("prepare", "load the raw data, apply the paper's protocol, write prepared/")
+    p = add("init-tree", "build the category-based initial tree (Sec. 3.5)")
+    p.add_argument("--out", help="tree file (default trees/round_0.tree)")
+    p = add("train", "train the model on a tree (Eq. 4)")
+    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--tree", help="tree file (default trees/round_<r>.tree)")
+    p.add_argument("--init-from", help="model folder to warm-start from (default: none)")
+    p.add_argument("--out", help="model folder (default models/round_<r>)")
+    p = add("export-embeddings", "write the trained item embeddings")
+    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--model", help="model folder (default models/round_<r>)")
+    p.add_argument("--out", help="embeddings file (default embeddings/round_<r>.npy)")
+    p = add("relearn-tree", "re-learn the tree from item embeddings (balanced k-means, Sec. 3.5)")
+    p.add_argument("--round", type=int, default=0, help="round whose embeddings are clustered")
+    p.add_argument("--embeddings", help="embeddings file (default embeddings/round_<r>.npy)")
+    p.add_argument("--out", help="tree file (default trees/round_<r+1>.tree)")
+    p = add("evaluate", "evaluate a trained model with beam search (Algorithm 1, Eq. 5-7)")
+    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--model", help="model folder (default models/round_<r>)")
+    p.add_argument("--out", help="metrics file (default metrics/round_<r>.json)")
+    p = add("recommend", "top-k items for a behaviour history")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument(
+        "--history",
+        required=True,
+        help="comma-separated item_id[:timestamp] list, or a CSV file with item_id,timestamp",
+    )
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--keep-seen", action="store_true", help="allow items of the history")
+    add("pipeline", "prepare, init tree, then train/evaluate/export/relearn for every round")
+    p = add("generate", "write the synthetic data set as a UserBehavior.csv file")
+    p.add_argument("--out", required=True)
+    return parser
+
+
+def _history(text: str) -> list[tuple[int, int | None]]:
+    path = Path(text)
+    if path.is_file():
+        import pandas as pd
+
+        frame = pd.read_csv(path)
+        if "item_id" not in frame.columns:
+            raise ConfigError(f"{path}: needs an item_id column (and optionally timestamp)")
+        times = frame["timestamp"] if "timestamp" in frame.columns else [None] * len(frame)
+        return [(int(i), None if t is None else int(t)) for i, t in zip(frame["item_id"], times)]
+    out = []
+    for part in text.split(","):
+        item, _, stamp = part.strip().partition(":")
+        try:
+            out.append((int(item), int(stamp) if stamp else None))
+        except ValueError:
+            raise ConfigError(f"--history: {part!r} is not item_id[:timestamp]") from None
+    return out
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from tdm import stages  # heavy imports (torch) only once the arguments are valid
+
+    cfg = load_config(args.params, args.overrides)
+    paths = Paths(Path(args.root))
+    r = getattr(args, "round", 0)
+    cmd = args.command
+    if cmd == "prepare":
+        result = stages.prepare(cfg, paths.prepared)
+    elif cmd == "init-tree":
+        result = stages.init_tree(cfg, paths.prepared, Path(args.out or paths.tree(0)))
+    elif cmd == "train":
+        result = stages.train(
+            cfg,
+            paths.prepared,
+            Path(args.tree or paths.tree(r)),
+            Path(args.out or paths.model(r)),
+            init_from=Path(args.init_from) if args.init_from else None,
+        )
+    elif cmd == "export-embeddings":
+        result = stages.export_embeddings(
+            Path(args.model or paths.model(r)), Path(args.out or paths.embeddings(r))
+        )
+    elif cmd == "relearn-tree":
+        result = stages.relearn_tree(
+            cfg, Path(args.embeddings or paths.embeddings(r)), Path(args.out or paths.tree(r + 1))
+        )
+    elif cmd == "evaluate":
+        result = stages.evaluate(
+            cfg, paths.prepared, Path(args.model or paths.model(r)), Path(args.out or paths.metrics(r))
+        )
+    elif cmd == "recommend":
+        from tdm.recommender import Recommender
+
+        rec = Recommender.load(args.model)
+        items, scores = rec.recommend(_history(args.history), args.k, exclude_seen=not args.keep_seen)
+        result = {"items": items.tolist(), "scores": [round(float(s), 6) for s in scores]}
+    elif cmd == "pipeline":
+        result = stages.pipeline(cfg, paths)
+    elif cmd == "generate":
+        result = stages.generate(cfg, Path(args.out))
+    else:  # pragma: no cover - argparse rejects unknown commands
+        raise AssertionError(cmd)
+    if isinstance(result, dict):
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: known errors become one readable line and exit status 2."""
+    from tdm.data.schema import DataError
+    from tdm.tree import TreeFormatError
+
+    try:
+        sys.exit(run(argv))
+    except (ConfigError, DataError, TreeFormatError, FileNotFoundError, KeyError) as exc:
+        print(f"tdm: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

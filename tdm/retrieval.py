@@ -1,0 +1,492 @@
+"""Layer-wise retrieval (Algorithm 1) and brute-force scoring, batched over users with torch.
+
+Conventions shared by ``beam_search`` and ``brute_force``:
+
+- ``hist``/``windows``: (U, L) int64 numpy arrays or tensors, as made by
+  ``tdm.data.features.make_history`` (rows of the model's embedding table, -1 padding).
+- Users are processed in batches of ``batch_size``; ``model.user_state`` runs once per batch, and
+  ``model.score`` once per level (beam search) or per chunk of nodes (brute force). The model is
+  put in eval mode for the call (its mode is restored afterwards) and runs under
+  ``torch.inference_mode`` on ``device`` (default: where the model's parameters are).
+- Results are numpy arrays on the host: ids (U, k) int64 padded with -1, scores (U, k) float32
+  padded with -inf, best first.
+- ``exclude`` (Sec. 5.3 filtering): either a CSR pair ``(items, offsets)`` of numpy arrays with U
+  rows (``tdm.metrics.excluded_items``), or a dense (U, n_items) bool array/tensor (True =
+  excluded). Excluded items' leaves never enter the result set (Algorithm 1, line 3); the beam over
+  inner nodes is unchanged. Ask for k larger than M when filtering so that enough items remain.
+- ``stats``: an optional dict the call fills with ``nodes_scored`` (total), ``nodes_scored_per_user``
+  ((U,) int64, padding not counted), ``max_nodes_scored``, ``user_state_calls`` and
+  ``score_calls``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TreeTensors", "beam_search", "brute_force", "tree_tensors"]
+
+RANKINGS = ("node", "path")
+
+
+# ----------------------------------------------------------------------------- tree on device
+@dataclass(frozen=True)
+class TreeTensors:
+    """The arrays of a ``Tree`` that retrieval needs, as tensors on one device.
+
+    Attributes:
+        n_nodes: number of nodes.
+        depth: deepest leaf's level (root = level 0).
+        max_arity: largest number of children of a node.
+        child_start: (n_nodes,) int64 position of a node's first child in ``child_list``.
+        child_count: (n_nodes,) int64 number of children.
+        child_list: (n_children_total,) int64 node ids of the children, CSR values.
+        is_leaf: (n_nodes,) bool.
+        rows: (n_nodes,) int64 embedding row of each node (``tree.embedding_rows()``).
+        node_item: (n_nodes,) int64 item id at leaves, -1 at inner nodes.
+        item_leaf: (max_item + 1,) int64 leaf of each item id, -1 for ids not in the tree.
+        leaf_nodes: (n_items,) int64 all leaves in node order.
+    """
+
+    n_nodes: int
+    depth: int
+    max_arity: int
+    child_start: torch.Tensor
+    child_count: torch.Tensor
+    child_list: torch.Tensor
+    is_leaf: torch.Tensor
+    rows: torch.Tensor
+    node_item: torch.Tensor
+    item_leaf: torch.Tensor
+    leaf_nodes: torch.Tensor
+    level_offsets: np.ndarray
+
+    @classmethod
+    def build(cls, tree: Any, device: torch.device | str) -> TreeTensors:
+        """Convert ``tree`` (a ``tdm.tree.Tree``) once; see ``tree_tensors`` for the cached door."""
+        n_nodes = int(tree.n_nodes)
+        child_offsets = np.asarray(tree.child_offsets, dtype=np.int64)
+        count = np.diff(child_offsets)
+        children = getattr(tree, "children", None)
+        if isinstance(children, np.ndarray):
+            child_list = children.astype(np.int64)
+        else:  # children of a node are contiguous node ids: offsets index the node ids directly
+            child_list = np.arange(n_nodes, dtype=np.int64)
+        node_item = np.asarray(tree.node_item, dtype=np.int64)
+        is_leaf = count == 0
+        leaf_nodes = np.flatnonzero(is_leaf)
+        item_leaf = np.full(int(node_item.max()) + 1, -1, dtype=np.int64)
+        item_leaf[node_item[leaf_nodes]] = leaf_nodes
+
+        def t(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(a), device=device)
+
+        return cls(
+            n_nodes=n_nodes,
+            depth=int(tree.depth),
+            max_arity=max(int(count.max()), 1),
+            child_start=t(child_offsets[:-1]),
+            child_count=t(count),
+            child_list=t(child_list),
+            is_leaf=t(is_leaf),
+            rows=t(np.asarray(tree.embedding_rows(), dtype=np.int64)),
+            node_item=t(node_item),
+            item_leaf=t(item_leaf),
+            leaf_nodes=t(leaf_nodes.astype(np.int64)),
+            level_offsets=np.asarray(tree.level_offsets, dtype=np.int64),
+        )
+
+    def children_of(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Children of each node, padded with -1.
+
+        Args:
+            nodes: (B, K) int64 node ids, -1 = none.
+        Returns:
+            (B, K * max_arity) int64 child ids, -1 padding, children of ``nodes[:, i]`` in columns
+            ``i*max_arity:(i+1)*max_arity``.
+        """
+        ok = nodes >= 0  # (B, K)
+        safe = nodes.clamp(min=0)
+        count = self.child_count[safe].masked_fill(~ok, 0)  # (B, K)
+        span = torch.arange(self.max_arity, device=nodes.device)  # (a,)
+        pos = self.child_start[safe].unsqueeze(-1) + span  # (B, K, a)
+        has = span < count.unsqueeze(-1)  # (B, K, a)
+        pos = pos.clamp(max=max(len(self.child_list) - 1, 0))
+        kids = self.child_list[pos].masked_fill(~has, -1)  # (B, K, a)
+        return kids.flatten(1)  # (B, K*a)
+
+
+_CACHE: dict[tuple[int, str], tuple[weakref.ref, TreeTensors]] = {}
+
+
+def tree_tensors(tree: Any, device: torch.device | str) -> TreeTensors:
+    """``TreeTensors`` of ``tree`` on ``device``, cached per (tree object, device).
+
+    The cache holds the tree weakly; a tree must not be modified in place after first use.
+    """
+    device = torch.device(device)
+    key = (id(tree), str(device))
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is tree:
+        return hit[1]
+    tensors = TreeTensors.build(tree, device)
+    for dead in [k for k, (ref, _) in _CACHE.items() if ref() is None]:
+        del _CACHE[dead]
+    try:
+        _CACHE[key] = (weakref.ref(tree), tensors)
+    except TypeError:  # not weak-referenceable: no caching
+        pass
+    return tensors
+
+
+# ----------------------------------------------------------------------------- helpers
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _as_long(x: Any, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Rows ``start:stop`` of an array or tensor as an int64 tensor on ``device``."""
+    if isinstance(x, torch.Tensor):
+        return x[start:stop].to(device=device, dtype=torch.long)
+    return torch.as_tensor(np.asarray(x[start:stop], dtype=np.int64), device=device)
+
+
+def _topk_pad(
+    scores: torch.Tensor, nodes: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top k columns by score, padded to k; entries with score -inf become node -1.
+
+    Args:
+        scores: (B, C) float, -inf = absent.
+        nodes: (B, C) int64 ids aligned with ``scores``.
+        k: number of columns wanted.
+    Returns:
+        nodes (B, k) int64 and scores (B, k) float, best first.
+    """
+    batch, width = scores.shape
+    kk = min(k, width)
+    if kk > 0:
+        top_s, top_i = scores.topk(kk, dim=1)  # (B, kk)
+        top_n = nodes.gather(1, top_i).masked_fill(torch.isneginf(top_s), -1)  # (B, kk)
+    else:
+        top_s = scores.new_empty(batch, 0)
+        top_n = nodes.new_empty(batch, 0)
+    if kk < k:
+        top_s = F.pad(top_s, (0, k - kk), value=-float("inf"))
+        top_n = F.pad(top_n, (0, k - kk), value=-1)
+    return top_n, top_s
+
+
+class _Excluder:
+    """Membership test of (user, leaf) pairs in one batch's excluded items."""
+
+    def __init__(self, exclude: Any, start: int, stop: int, tt: TreeTensors, device: torch.device):
+        self.tt = tt
+        self.dense: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        if isinstance(exclude, tuple):
+            items, offsets = exclude
+            offsets = np.asarray(offsets, dtype=np.int64)
+            sub = offsets[start : stop + 1]
+            items = np.asarray(items, dtype=np.int64)[sub[0] : sub[-1]]
+            rows = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(sub))
+            item_leaf = tt.item_leaf.cpu().numpy()
+            known = (items >= 0) & (items < len(item_leaf))
+            leaves = item_leaf[items[known]]
+            rows = rows[known][leaves >= 0]
+            leaves = leaves[leaves >= 0]
+            keys = np.sort(rows * tt.n_nodes + leaves)
+            self.keys = torch.as_tensor(keys, device=device)
+        else:
+            dense = exclude[start:stop]
+            if not isinstance(dense, torch.Tensor):
+                dense = torch.as_tensor(np.asarray(dense, dtype=bool))
+            self.dense = dense.to(device=device, dtype=torch.bool)
+
+    def __call__(self, nodes: torch.Tensor) -> torch.Tensor:
+        """(B, C) node ids (>= 0) -> (B, C) bool, True where the node is an excluded leaf."""
+        if self.keys is not None:
+            if self.keys.numel() == 0:
+                return torch.zeros_like(nodes, dtype=torch.bool)
+            user = torch.arange(nodes.shape[0], device=nodes.device).unsqueeze(1)  # (B, 1)
+            keys = user * self.tt.n_nodes + nodes  # (B, C)
+            pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
+            return self.keys[pos] == keys
+        assert self.dense is not None
+        item = self.tt.node_item[nodes]  # (B, C)
+        known = (item >= 0) & (item < self.dense.shape[1])
+        hit = self.dense.gather(1, item.clamp(min=0, max=self.dense.shape[1] - 1))  # (B, C)
+        return hit & known
+
+
+def _check_inputs(hist: Any, windows: Any, k: int, exclude: Any) -> int:
+    n_users = len(hist)
+    if len(windows) != n_users:
+        raise ValueError(f"hist has {n_users} rows, windows {len(windows)}")
+    if k <= 0:
+        raise ValueError("k must be positive")
+    if isinstance(exclude, tuple):
+        if len(exclude) != 2 or len(exclude[1]) != n_users + 1:
+            raise ValueError("exclude CSR must be (items, offsets) with one row per user")
+    elif exclude is not None and len(exclude) != n_users:
+        raise ValueError(f"exclude has {len(exclude)} rows for {n_users} users")
+    return n_users
+
+
+def _fill_stats(stats: dict | None, scored: np.ndarray, state_calls: int, score_calls: int):
+    if stats is None:
+        return
+    stats["nodes_scored"] = int(scored.sum())
+    stats["nodes_scored_per_user"] = scored
+    stats["max_nodes_scored"] = int(scored.max()) if len(scored) else 0
+    stats["user_state_calls"] = state_calls
+    stats["score_calls"] = score_calls
+
+
+# ----------------------------------------------------------------------------- Algorithm 1
+def beam_search(
+    model: torch.nn.Module,
+    tree: Any,
+    hist: Any,
+    windows: Any,
+    k: int,
+    *,
+    ranking: str = "node",
+    exclude: Any = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 1024,
+    return_levels: bool = False,
+    stats: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Layer-wise top-down retrieval of the top k items for each user (Algorithm 1).
+
+    Q starts at the root's children (the root itself is never scored). At each level the nodes
+    of Q are scored; leaves among them enter the result set A with their ranking score
+    (line 3); the top k of the remaining inner nodes (line 5) are expanded into the next Q
+    (line 6), until Q is empty (line 7); the top k of A are returned (line 8). Leaves may sit at
+    any depth and a level may have fewer than k nodes. Scoring cost per user is at most
+    k * max_arity nodes per level.
+
+    Args:
+        model: scorer with ``user_state(hist, windows)`` and ``score(state, node_rows)``.
+        tree: a ``tdm.tree.Tree``.
+        hist: (U, L) int64 behaviour rows, -1 padding.
+        windows: (U, L) int64 time windows, -1 padding.
+        k: beam width and number of items returned.
+        ranking: ``"node"``: a node ranks by its own logit (TDM); ``"path"``: by the sum of
+            log-sigmoids of its own and its ancestors' logits below the root, i.e. the log of the
+            product of their probabilities (the HS variant, Sec. 5.4) -- for the beam and for A.
+        exclude: items never to return (see module docstring), or None.
+        device: where to run; default the model's device.
+        batch_size: users per batch.
+        return_levels: also return, per level, the top k of all nodes of Q at that level
+            (leaves included) by ranking score: the retrieved set of that level (Fig. 4).
+        stats: optional dict filled with counters (see module docstring).
+    Returns:
+        items (U, k) int64 item ids padded with -1; scores (U, k) float32 ranking scores (logits,
+        or log-probabilities for ``"path"``) padded with -inf, best first; with
+        ``return_levels`` also a list of depth+1 arrays (U, k) int64 of node ids padded with -1,
+        entry j for level j (entry 0 holds the root).
+    """
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking {ranking!r} is not one of {RANKINGS}")
+    n_users = _check_inputs(hist, windows, k, exclude)
+    device = _model_device(model) if device is None else torch.device(device)
+    tt = tree_tensors(tree, device)
+    items = np.full((n_users, k), -1, dtype=np.int64)
+    scores = np.full((n_users, k), -np.inf, dtype=np.float32)
+    levels = [np.full((n_users, k), -1, dtype=np.int64) for _ in range(tt.depth + 1)]
+    if return_levels:
+        levels[0][:, 0] = 0
+    scored = np.zeros(n_users, dtype=np.int64)
+    calls = [0, 0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, n_users, batch_size):
+                stop = min(start + batch_size, n_users)
+                excluder = None if exclude is None else _Excluder(exclude, start, stop, tt, device)
+                out = _beam_batch(
+                    model,
+                    tt,
+                    _as_long(hist, start, stop, device),
+                    _as_long(windows, start, stop, device),
+                    k,
+                    ranking == "path",
+                    excluder,
+                    return_levels,
+                    calls,
+                )
+                items[start:stop] = out[0].cpu().numpy()
+                scores[start:stop] = out[1].float().cpu().numpy()
+                scored[start:stop] = out[2].cpu().numpy()
+                for j, nodes in enumerate(out[3], start=1):
+                    levels[j][start:stop] = nodes.cpu().numpy()
+    finally:
+        model.train(was_training)
+    _fill_stats(stats, scored, *calls)
+    if return_levels:
+        return items, scores, levels
+    return items, scores
+
+
+def _beam_batch(
+    model: torch.nn.Module,
+    tt: TreeTensors,
+    hist: torch.Tensor,
+    windows: torch.Tensor,
+    k: int,
+    path: bool,
+    excluder: _Excluder | None,
+    want_levels: bool,
+    calls: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Algorithm 1 for one batch of users; returns items, scores, nodes scored, level top-k."""
+    batch = hist.shape[0]
+    device = hist.device
+    state = model.user_state(hist, windows)  # once per user
+    calls[0] += 1
+    root = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1)
+    queue = tt.children_of(root)  # (B, C) Algorithm 1, line 1 (root expanded)
+    base = torch.zeros(queue.shape, device=device)  # (B, C) ancestors' log-probability
+    found_nodes: list[torch.Tensor] = []
+    found_scores: list[torch.Tensor] = []
+    level_top: list[torch.Tensor] = []
+    scored = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
+    for _level in range(1, tt.depth + 1):  # Algorithm 1, lines 2-7
+        valid = queue >= 0  # (B, C)
+        if queue.shape[1] == 0 or not bool(valid.any()):  # line 7: Q is empty
+            break
+        safe = queue.clamp(min=0)  # (B, C)
+        logits = model.score(state, tt.rows[safe]).float()  # (B, C) line 4
+        calls[1] += 1
+        scored += valid.sum(dim=1)
+        rank = base + F.logsigmoid(logits) if path else logits  # (B, C) Sec. 5.4 for "path"
+        rank = rank.masked_fill(~valid, -float("inf"))
+        leaf = valid & tt.is_leaf[safe]  # (B, C)
+        if want_levels:
+            level_top.append(_topk_pad(rank, queue, k)[0])  # (B, k)
+        # line 3: leaves of Q go to A; only the best k of a level can reach the final top k
+        leaf_rank = rank.masked_fill(~leaf, -float("inf"))
+        if excluder is not None:
+            leaf_rank = leaf_rank.masked_fill(excluder(safe), -float("inf"))
+        a_nodes, a_scores = _topk_pad(leaf_rank, queue, k)  # (B, k)
+        found_nodes.append(a_nodes)
+        found_scores.append(a_scores)
+        # line 5: top k of the remaining (inner) nodes of Q
+        inner = valid & ~leaf  # (B, C)
+        inner_rank = rank.masked_fill(~inner, -float("inf"))
+        kk = min(k, queue.shape[1])
+        top_s, top_i = inner_rank.topk(kk, dim=1)  # (B, kk)
+        top_nodes = queue.gather(1, top_i).masked_fill(~inner.gather(1, top_i), -1)  # (B, kk)
+        # line 6: Q = children of the top k
+        queue = tt.children_of(top_nodes)  # (B, kk*a)
+        base = top_s.repeat_interleave(tt.max_arity, dim=1)  # (B, kk*a)
+        has = queue >= 0
+        order = torch.sort((~has).to(torch.int8), dim=1, stable=True).indices  # valid first
+        width = int(has.sum(dim=1).max()) if has.numel() else 0
+        queue = queue.gather(1, order)[:, :width]  # (B, C')
+        base = base.gather(1, order)[:, :width]
+    while want_levels and len(level_top) < tt.depth:
+        level_top.append(torch.full((batch, k), -1, dtype=torch.long, device=device))
+    # line 8: the top k of A
+    if found_nodes:
+        nodes, best = _topk_pad(torch.cat(found_scores, 1), torch.cat(found_nodes, 1), k)
+    else:
+        nodes = torch.full((batch, k), -1, dtype=torch.long, device=device)
+        best = torch.full((batch, k), -float("inf"), device=device)
+    item_ids = torch.where(nodes >= 0, tt.node_item[nodes.clamp(min=0)], -1)  # (B, k)
+    return item_ids, best, scored, level_top
+
+
+# ----------------------------------------------------------------------------- brute force
+def brute_force(
+    model: torch.nn.Module,
+    tree: Any,
+    hist: Any,
+    windows: Any,
+    k: int,
+    level: int | None = None,
+    *,
+    exclude: Any = None,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+    node_chunk: int = 4096,
+    stats: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Score every candidate node for every user and keep the top k by logit.
+
+    Candidates are all leaves (every item) by default, or all nodes of one level (Fig. 4's
+    brute-force curve). Nodes are scored in chunks of ``node_chunk`` with a running top k.
+
+    Args:
+        model: scorer with ``user_state`` and ``score``.
+        tree: a ``tdm.tree.Tree``.
+        hist, windows: (U, L) int64 model inputs.
+        k: number of results.
+        level: None for all leaves, else a level 1..depth.
+        exclude: items never to return (see module docstring); applies to leaves only.
+        device: where to run; default the model's device.
+        batch_size: users per batch.
+        node_chunk: nodes scored per ``model.score`` call.
+        stats: optional dict filled with counters.
+    Returns:
+        ids (U, k) int64 -- item ids when ``level`` is None, node ids otherwise -- padded with -1,
+        and scores (U, k) float32 logits padded with -inf, best first.
+    """
+    n_users = _check_inputs(hist, windows, k, exclude)
+    device = _model_device(model) if device is None else torch.device(device)
+    tt = tree_tensors(tree, device)
+    if level is None:
+        candidates = tt.leaf_nodes  # (N,)
+    else:
+        if not 0 <= level <= tt.depth:
+            raise ValueError(f"level {level} outside 0..{tt.depth}")
+        lo, hi = int(tt.level_offsets[level]), int(tt.level_offsets[level + 1])
+        candidates = torch.arange(lo, hi, device=device)
+    ids = np.full((n_users, k), -1, dtype=np.int64)
+    scores = np.full((n_users, k), -np.inf, dtype=np.float32)
+    scored = np.zeros(n_users, dtype=np.int64)
+    calls = [0, 0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, n_users, batch_size):
+                stop = min(start + batch_size, n_users)
+                batch = stop - start
+                excluder = None if exclude is None else _Excluder(exclude, start, stop, tt, device)
+                state = model.user_state(
+                    _as_long(hist, start, stop, device), _as_long(windows, start, stop, device)
+                )
+                calls[0] += 1
+                best_n = torch.full((batch, k), -1, dtype=torch.long, device=device)
+                best_s = torch.full((batch, k), -float("inf"), device=device)
+                for c0 in range(0, len(candidates), node_chunk):
+                    chunk = candidates[c0 : c0 + node_chunk].unsqueeze(0).expand(batch, -1)
+                    logits = model.score(state, tt.rows[chunk]).float()  # (B, N)
+                    calls[1] += 1
+                    if excluder is not None:
+                        logits = logits.masked_fill(excluder(chunk), -float("inf"))
+                    best_n, best_s = _topk_pad(
+                        torch.cat([best_s, logits], 1), torch.cat([best_n, chunk], 1), k
+                    )
+                scored[start:stop] = len(candidates)
+                if level is None:
+                    best_n = torch.where(best_n >= 0, tt.node_item[best_n.clamp(min=0)], -1)
+                ids[start:stop] = best_n.cpu().numpy()
+                scores[start:stop] = best_s.cpu().numpy()
+    finally:
+        model.train(was_training)
+    _fill_stats(stats, scored, *calls)
+    return ids, scores

@@ -1,0 +1,293 @@
+"""Stage functions: one per pipeline step, each reading its inputs from and writing its outputs to
+files. The CLI, the DVC stages and the Prefect tasks all call these, so every door produces the
+same artefacts at the same paths. Every output is written to a temporary path and renamed, so a
+failed stage never leaves a half-written artefact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tdm.config import Config
+from tdm.paths import Paths
+from tdm.tree import Tree, atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+TREE_FILE = "tree.tree"
+ITEMS_FILE = "items.parquet"
+META_FILE = "meta.json"
+TRAIN_LOG_FILE = "train_log.json"
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    atomic_write_bytes(Path(path), (json.dumps(data, indent=2, default=_json_default) + "\n").encode())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written temp folder over ``final`` (the old one is removed only then)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{time.time_ns()}")
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _temp_dir_for(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+
+
+# --------------------------------------------------------------------------------------- data
+def generate(cfg: Config, out: Path) -> dict:
+    """Write the seeded synthetic data set as a UserBehavior.csv file."""
+    from tdm.data.synthetic import generate as gen
+    from tdm.data.synthetic import write_userbehavior_csv
+
+    frame = gen(cfg.synthetic)
+    write_userbehavior_csv(frame, out)
+    return {"path": str(out), "rows": len(frame)}
+
+
+def prepare(cfg: Config, out_dir: Path) -> dict:
+    """Load the raw data (``data`` section) and write the prepared folder (Sec. 5.1)."""
+    from tdm.data.loaders import load_dataset
+    from tdm.data.protocol import prepare as prepare_data
+
+    t0 = time.perf_counter()
+    frame = load_dataset(cfg.data, cfg.synthetic)
+    meta = prepare_data(frame, cfg.data, out_dir)
+    log.info("prepared %s in %.1f s", out_dir, time.perf_counter() - t0)
+    return meta
+
+
+# --------------------------------------------------------------------------------------- trees
+def init_tree(cfg: Config, prepared_dir: Path, out_path: Path) -> dict:
+    """Category-based initial tree over the prepared items (Sec. 3.5)."""
+    import pandas as pd
+
+    from tdm.tree_build import category_tree
+
+    items = pd.read_parquet(Path(prepared_dir) / ITEMS_FILE)
+    tree = category_tree(
+        items["item_index"].to_numpy(),
+        items["category_id"].to_numpy(),
+        arity=cfg.tree.arity,
+        seed=cfg.tree.seed,
+    )
+    tree.save(out_path)
+    return tree_report(tree, items["category_id"].to_numpy())
+
+
+def relearn_tree(cfg: Config, embeddings_path: Path, out_path: Path) -> dict:
+    """Re-learn the tree by balanced k-means over the trained item embeddings (Sec. 3.5)."""
+    from tdm.tree_build import kmeans_tree
+
+    emb = np.load(embeddings_path)
+    tree = kmeans_tree(
+        np.arange(len(emb)), emb, arity=cfg.tree.arity, seed=cfg.tree.seed, iters=cfg.tree.kmeans_iters
+    )
+    tree.save(out_path)
+    return tree.stats()
+
+
+def tree_report(tree: Tree, item_category: np.ndarray | None = None) -> dict:
+    """Tree statistics, with per-level category purity when categories are known."""
+    report = tree.stats()
+    if item_category is not None:
+        from tdm.tree_build import tree_purity
+
+        report["category_purity"] = np.round(tree_purity(tree, item_category), 4).tolist()
+    return report
+
+
+# --------------------------------------------------------------------------------------- model
+def train(
+    cfg: Config,
+    prepared_dir: Path,
+    tree_path: Path,
+    out_dir: Path,
+    init_from: Path | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train the scorer on a tree (Eq. 4) and write a self-contained model folder.
+
+    The folder holds ``model.pt`` (weights with their config), the tree, the item table and the
+    feature metadata, so ``Recommender.load`` needs nothing else. Per-epoch checkpoints go to
+    ``<out_dir>.ckpt/`` and an interrupted run resumes from there.
+    """
+    import torch
+
+    from tdm.data.protocol import load_prepared
+    from tdm.model import build_model
+    from tdm.sampler import LayerwiseSampler, negatives_for_levels
+    from tdm.train import load_checkpoint, save_model, warm_start
+    from tdm.train import train as fit
+
+    out_dir = Path(out_dir)
+    data = load_prepared(prepared_dir)
+    tree = Tree.load(tree_path)
+    model = build_model(cfg.model, tree.n_nodes, cfg.data.time_windows, seed=cfg.train.seed)
+    if init_from is not None:
+        old_model = load_checkpoint(Path(init_from) / MODEL_FILE)
+        warm_start(model, old_model, Tree.load(Path(init_from) / TREE_FILE), tree)
+    negatives = cfg.sampler.negatives_per_level or negatives_for_levels(
+        tree.level_sizes, cfg.sampler.total_negatives
+    )
+    sampler = LayerwiseSampler(tree, negatives, mode=cfg.sampler.mode, seed=cfg.sampler.seed)
+    source = TrainSamples(data, cfg.data.max_history, cfg.data.min_history)
+    ckpt_dir = out_dir.with_name(out_dir.name + ".ckpt")
+    t0 = time.perf_counter()
+    result = fit(
+        model, tree, source, sampler, cfg.train, checkpoint_dir=ckpt_dir, callback=callback,
+        resume=True,
+    )
+    seconds = time.perf_counter() - t0
+
+    tmp = _temp_dir_for(out_dir)
+    try:
+        save_model(model, tmp / MODEL_FILE, cfg)
+        tree.save(tmp / TREE_FILE)
+        shutil.copy2(Path(prepared_dir) / ITEMS_FILE, tmp / ITEMS_FILE)
+        shutil.copy2(Path(prepared_dir) / META_FILE, tmp / META_FILE)
+        summary = {
+            "epochs": cfg.train.epochs,
+            "losses": list(result.losses),
+            "samples": source.n_samples,
+            "negatives_per_level": list(negatives),
+            "seconds": round(seconds, 2),
+            "device": str(result.device),
+            "torch": torch.__version__,
+        }
+        write_json(tmp / TRAIN_LOG_FILE, summary)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return summary
+
+
+class TrainSamples:
+    """Training samples derived from the prepared CSR sequences (the trainer's sample source).
+
+    Every position with at least ``min_history`` earlier behaviours of its user is a sample; its
+    features are the at most ``max_history`` behaviours before it, split into time windows.
+    """
+
+    def __init__(self, data, max_history: int, min_history: int) -> None:
+        from tdm.data.protocol import training_positions
+
+        self.data = data
+        self.max_history = max_history
+        self.positions = training_positions(data.train, min_history)
+        self.n_samples = len(self.positions)
+
+    def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from tdm.data.features import train_batch
+
+        return train_batch(self.data, self.positions[index], self.max_history)
+
+
+def export_embeddings(model_dir: Path, out_path: Path) -> dict:
+    """Write the trained item (leaf) embeddings, (n_items, d) float32 in item-index order."""
+    import io
+
+    from tdm.train import load_checkpoint
+
+    model = load_checkpoint(Path(model_dir) / MODEL_FILE)
+    tree = Tree.load(Path(model_dir) / TREE_FILE)
+    emb = model.embedding.weight.detach().float().cpu().numpy()[: tree.n_items]
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(emb, dtype=np.float32))
+    atomic_write_bytes(Path(out_path), buf.getvalue())
+    return {"path": str(out_path), "shape": list(emb.shape)}
+
+
+# --------------------------------------------------------------------------------------- eval
+def evaluate(cfg: Config, prepared_dir: Path, model_dir: Path, out_path: Path) -> dict:
+    """Precision/Recall/F-Measure/Novelty@M (Eq. 5-7) of TDM and of most-popular, per filter
+    mode, plus the layer-wise recall of beam search vs brute force (Fig. 4)."""
+    from tdm.data.protocol import load_prepared
+    from tdm.evaluation import evaluate_split, layerwise_report
+    from tdm.recommender import Recommender
+
+    data = load_prepared(prepared_dir)
+    rec = Recommender.load(model_dir)
+    split = data.split(cfg.eval.split)
+    t0 = time.perf_counter()
+    tdm_metrics = evaluate_split(rec.ranker(cfg.retrieval), data, split, cfg.eval)
+    seconds = time.perf_counter() - t0
+    from tdm.baselines.popular import MostPopular
+
+    popular = MostPopular(data.items["train_count"].to_numpy())
+    report = {
+        "split": cfg.eval.split,
+        "topk": cfg.eval.topk,
+        "users": len(split.users),
+        "tdm": tdm_metrics,
+        "most_popular": evaluate_split(popular.ranker(), data, split, cfg.eval),
+        "tree": tree_report(rec.tree, data.items["category_id"].to_numpy()),
+        "retrieval_seconds": round(seconds, 3),
+    }
+    if cfg.eval.layerwise:
+        report["layerwise_recall"] = layerwise_report(rec, split, cfg)
+    write_json(out_path, report)
+    return report
+
+
+# --------------------------------------------------------------------------------------- rounds
+def pipeline(cfg: Config, paths: Paths, on_round: Callable[[int, dict], None] | None = None) -> dict:
+    """The alternating rounds (Sec. 3.5): prepare -> init tree -> [train -> evaluate -> export ->
+    relearn]*, writing ``metrics/round_<r>.json`` for every round."""
+    t0 = time.perf_counter()
+    prepare(cfg, paths.prepared)
+    init_tree(cfg, paths.prepared, paths.tree(0))
+    summary: dict[str, Any] = {"rounds": []}
+    for r in range(cfg.rounds.count):
+        init_from = paths.model(r - 1) if (r > 0 and cfg.rounds.warm_start) else None
+        train_log = train(cfg, paths.prepared, paths.tree(r), paths.model(r), init_from=init_from)
+        report = evaluate(cfg, paths.prepared, paths.model(r), paths.metrics(r))
+        export_embeddings(paths.model(r), paths.embeddings(r))
+        if r + 1 < cfg.rounds.count:
+            relearn_tree(cfg, paths.embeddings(r), paths.tree(r + 1))
+        row = {"round": r, "train_seconds": train_log["seconds"], **_headline(report)}
+        summary["rounds"].append(row)
+        log.info("round %d: %s", r, row)
+        if on_round is not None:
+            on_round(r, report)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def _headline(report: dict) -> dict:
+    out = {}
+    for who in ("tdm", "most_popular"):
+        for mode, values in report[who].items():
+            out[f"{who}/{mode}/precision"] = values["precision"]
+            out[f"{who}/{mode}/recall"] = values["recall"]
+    return out

@@ -1,0 +1,383 @@
+"""Training loop for the scorers (Sec. 3.3, Eq. 4), checkpoints, resume and warm start.
+
+The trainer knows nothing about the data module: it takes a *sample source*, any object with
+
+- ``n_samples: int``, the number of training samples;
+- ``batch(positions: np.ndarray) -> (hist, windows, targets)``: ``hist`` (B, L) int64 item indices
+  (= embedding rows) left-padded with -1, ``windows`` (B, L) int64 time windows (-1 on padding),
+  ``targets`` (B,) int64 target item ids.
+
+Every epoch draws a permutation of the sample positions from ``(train.seed, epoch)`` and reseeds
+the sampler from ``(sampler seed, train.seed, epoch)``, so a run resumed from ``last.pt`` ends with
+exactly the weights of an uninterrupted run (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from tdm.config import ModelConfig, TrainConfig
+from tdm.model import build_model
+from tdm.sampler import LayerwiseSampler
+from tdm.tree import Tree
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+class SampleSource(Protocol):
+    """What ``train`` reads samples from (see the module docstring)."""
+
+    n_samples: int
+
+    def batch(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns.
+
+    Attributes:
+        losses: mean Eq. 4 loss of every epoch run so far (including epochs before a resume).
+        stats: per-epoch dicts: ``epoch``, ``loss``, ``samples``, ``pairs`` (valid (user, node)
+            pairs), ``seconds``, ``samples_per_s``, ``pairs_per_s``.
+        device: the device trained on.
+    """
+
+    losses: list[float] = field(default_factory=list)
+    stats: list[dict[str, float]] = field(default_factory=list)
+    device: str = "cpu"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None -> CUDA when available, else CPU; anything else as given."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: binary cross-entropy with logits, mean over the valid (user, node) pairs.
+
+    Args:
+        logits: (B, S); labels: (B, S) float; mask: (B, S) bool.
+    Returns:
+        Scalar loss (0 when nothing is valid).
+    """
+    weight = mask.to(torch.float32)
+    loss = F.binary_cross_entropy_with_logits(
+        logits.float(), labels, weight=weight, reduction="sum"
+    )
+    return loss / weight.sum().clamp_min(1.0)
+
+
+def _seed_int(*keys: int) -> int:
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``items`` in a background thread, ``depth`` ahead (order and values unchanged)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.01)
+
+
+def _batches(
+    sample_source: SampleSource, sampler: LayerwiseSampler, order: np.ndarray, batch_size: int
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """CPU tensors ``(hist, windows, nodes, labels, mask)`` for consecutive slices of ``order``."""
+    for s in range(0, len(order), batch_size):
+        hist, windows, targets = sample_source.batch(order[s : s + batch_size])
+        nodes, labels, mask = sampler.sample(targets)  # Sec. 3.3
+        yield tuple(
+            torch.from_numpy(np.ascontiguousarray(a)) for a in (hist, windows, nodes, labels, mask)
+        )
+
+
+def _model_meta(model: nn.Module, model_config: ModelConfig | None) -> dict[str, Any]:
+    cfg = model_config if model_config is not None else getattr(model, "cfg", None)
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError("checkpointing needs the ModelConfig: pass model_config= to train")
+    return {
+        "model_name": cfg.name,
+        "model_config": dataclasses.asdict(cfg),
+        "n_embeddings": int(model.embedding.num_embeddings),
+        "time_windows": int(model.time_windows),
+    }
+
+
+def _atomic_save(obj: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict (on CPU), checking its format version."""
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a tdm checkpoint of format {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model stored in a checkpoint from the file alone.
+
+    Args:
+        path: ``epoch_<e>.pt`` or ``last.pt`` written by ``train``.
+        device: where to put the model.
+    Returns:
+        The model with its trained weights, in eval mode.
+    """
+    ckpt = read_checkpoint(path)
+    cfg = ModelConfig(**ckpt["model_config"])
+    model = build_model(cfg, ckpt["n_embeddings"], ckpt["time_windows"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval()
+
+
+def train(
+    model: nn.Module,
+    tree: Tree,
+    sample_source: SampleSource,
+    sampler: LayerwiseSampler,
+    cfg: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
+    device: str | torch.device | None = None,
+    resume: bool = False,
+    model_config: ModelConfig | None = None,
+) -> TrainResult:
+    """Train ``model`` on the sampler's (user, node) pairs with Eq. 4 and Adam.
+
+    Args:
+        model: a scorer (``tdm.model`` protocol); trained in place and left on ``device``.
+        tree: the tree whose nodes are sampled; ``tree.embedding_rows()`` maps nodes to rows.
+        sample_source: see the module docstring.
+        sampler: the layer-wise sampler (reseeded every epoch).
+        cfg: the ``train`` section.
+        checkpoint_dir: if given, ``epoch_<e>.pt`` (e = 1-based count of finished epochs) and
+            ``last.pt`` are written after every epoch, atomically.
+        callback: ``callback(epoch, stats)`` after each epoch (0-based epoch, stats as in
+            ``TrainResult.stats``).
+        device: overrides ``cfg.device`` (``"auto"``: CUDA when available).
+        resume: continue from ``checkpoint_dir/last.pt`` when it exists.
+        model_config: the ModelConfig written into checkpoints (default ``model.cfg``).
+    Returns:
+        TrainResult with per-epoch losses and throughput.
+    """
+    dev = resolve_device(device if device is not None else cfg.device)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    model.to(dev)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = cfg.amp and dev.type == "cuda"
+    amp_dtype = torch.bfloat16
+    if use_amp and not torch.cuda.is_bf16_supported():
+        amp_dtype = torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    node_rows = torch.as_tensor(tree.embedding_rows(), dtype=torch.int64, device=dev)  # (n_nodes,)
+    meta = _model_meta(model, model_config) if checkpoint_dir is not None else None
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+
+    result = TrainResult(device=str(dev))
+    start_epoch = 0
+    if resume and ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
+        ckpt = read_checkpoint(ckpt_dir / "last.pt")
+        if ckpt["model_name"] != meta["model_name"] or ckpt["n_embeddings"] != meta["n_embeddings"]:
+            raise ValueError(
+                f"{ckpt_dir / 'last.pt'}: holds {ckpt['model_name']} with "
+                f"{ckpt['n_embeddings']} embeddings, not {meta['model_name']} with "
+                f"{meta['n_embeddings']}"
+            )
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        start_epoch = int(ckpt["epoch"])
+        result.losses = list(ckpt["losses"])
+        result.stats = list(ckpt["stats"])
+        logger.info("resumed from %s after epoch %d", ckpt_dir / "last.pt", start_epoch)
+
+    n = int(sample_source.n_samples)
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        if cfg.max_samples_per_epoch > 0:
+            order = order[: cfg.max_samples_per_epoch]
+        sampler.reseed(cfg.seed, epoch)
+        torch.manual_seed(_seed_int(cfg.seed, epoch))
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=dev)
+        n_pairs = torch.zeros((), device=dev, dtype=torch.int64)
+        n_batches = 0
+        bar = tqdm(
+            total=len(order),
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="sample",
+            disable=not cfg.progress,
+            leave=False,
+        )
+        for hist, windows, nodes, labels, mask in _prefetch(
+            _batches(sample_source, sampler, order, cfg.batch_size)
+        ):
+            hist = hist.to(dev, non_blocking=True)  # (B, L)
+            windows = windows.to(dev, non_blocking=True)  # (B, L)
+            rows = node_rows[nodes.to(dev, non_blocking=True)]  # (B, S)
+            labels = labels.to(dev, non_blocking=True)  # (B, S)
+            mask = mask.to(dev, non_blocking=True)  # (B, S)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+                logits = model(hist, windows, rows)  # (B, S)
+            loss = masked_bce(logits, labels, mask)  # Eq. 4
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach()
+            n_pairs += mask.sum()
+            n_batches += 1
+            bar.update(len(hist))
+            if cfg.progress and n_batches % 20 == 1:
+                bar.set_postfix(loss=f"{loss_sum.item() / n_batches:.4f}")
+        bar.close()
+        seconds = time.perf_counter() - t0
+        mean_loss = loss_sum.item() / max(n_batches, 1)
+        pairs = int(n_pairs.item())
+        stats = {
+            "epoch": epoch,
+            "loss": mean_loss,
+            "samples": len(order),
+            "pairs": pairs,
+            "seconds": seconds,
+            "samples_per_s": len(order) / max(seconds, 1e-9),
+            "pairs_per_s": pairs / max(seconds, 1e-9),
+        }
+        result.losses.append(mean_loss)
+        result.stats.append(stats)
+        logger.info(
+            "epoch %d/%d loss %.4f, %.0f samples/s, %.0f pairs/s",
+            epoch + 1,
+            cfg.epochs,
+            mean_loss,
+            stats["samples_per_s"],
+            stats["pairs_per_s"],
+        )
+        if ckpt_dir is not None:
+            ckpt = {
+                "format": CHECKPOINT_FORMAT,
+                **meta,
+                "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "epoch": epoch + 1,
+                "train_config": dataclasses.asdict(cfg),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "sampler": sampler.rng.bit_generator.state,
+                },
+                "losses": list(result.losses),
+                "stats": list(result.stats),
+            }
+            _atomic_save(ckpt, ckpt_dir / f"epoch_{epoch + 1}.pt")
+            _atomic_save(ckpt, ckpt_dir / "last.pt")
+        if callback is not None:
+            callback(epoch, stats)
+    return result
+
+
+@torch.no_grad()
+def warm_start(new_model: nn.Module, old_model: nn.Module, old_tree: Tree, new_tree: Tree) -> None:
+    """Initialise a model for a re-learnt tree from the previous round's model (Sec. 3.5).
+
+    All weights are copied; in the embedding table the item rows ``0..n_items-1`` are copied as
+    they are (items keep their rows) and every internal node of ``new_tree`` gets the mean of the
+    embeddings of the leaves under it, accumulated bottom-up level by level.
+
+    Args:
+        new_model: the model to initialise (its table has ``new_tree.n_nodes`` rows), in place.
+        old_model: the trained model of ``old_tree``.
+        old_tree, new_tree: trees over the same items ``0..n_items-1``.
+    """
+    n_items = new_tree.n_items
+    if old_tree.n_items != n_items:
+        raise ValueError(f"warm_start: trees index {old_tree.n_items} and {n_items} items")
+    old_state = old_model.state_dict()
+    new_state = new_model.state_dict()
+    for key, value in new_state.items():
+        if key == "embedding.weight":
+            continue
+        if key not in old_state or old_state[key].shape != value.shape:
+            raise ValueError(f"warm_start: parameter {key!r} does not match the old model")
+        value.copy_(old_state[key])
+    old_table = old_model.embedding.weight  # (n_old, D)
+    table = new_model.embedding.weight  # (n_new, D)
+    items = old_table[:n_items].to(device=table.device, dtype=torch.float32)  # (n_items, D)
+    sums = torch.zeros(new_tree.n_nodes, table.shape[1], device=table.device)  # (n_nodes, D)
+    counts = torch.zeros(new_tree.n_nodes, device=table.device)  # (n_nodes,)
+    leaves = torch.as_tensor(new_tree.leaf_nodes, device=table.device)
+    sums[leaves] = items[torch.as_tensor(new_tree.leaf_items, device=table.device)]
+    counts[leaves] = 1.0
+    parent = torch.as_tensor(new_tree.parent, device=table.device)
+    offsets = new_tree.level_offsets
+    for j in range(new_tree.depth, 0, -1):  # children before parents
+        lo, hi = int(offsets[j]), int(offsets[j + 1])
+        sums.index_add_(0, parent[lo:hi], sums[lo:hi])
+        counts.index_add_(0, parent[lo:hi], counts[lo:hi])
+    rows = torch.as_tensor(new_tree.embedding_rows(), device=table.device)  # (n_nodes,)
+    inner = torch.as_tensor(np.flatnonzero(~new_tree.is_leaf), device=table.device)
+    table[:n_items] = items.to(table.dtype)
+    table[rows[inner]] = (sums[inner] / counts[inner, None]).to(table.dtype)
