@@ -72,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _history(text: str) -> list[tuple[int, int | None]]:
+def _history(text: str):
+    """``--history``: a CSV file with item_id[,timestamp] columns, or ``id[:ts],id[:ts],...``."""
     path = Path(text)
     if path.is_file():
         import pandas as pd
@@ -80,8 +81,7 @@ def _history(text: str) -> list[tuple[int, int | None]]:
         frame = pd.read_csv(path)
         if "item_id" not in frame.columns:
             raise ConfigError(f"{path}: needs an item_id column (and optionally timestamp)")
-        times = frame["timestamp"] if "timestamp" in frame.columns else [None] * len(frame)
-        return [(int(i), None if t is None else int(t)) for i, t in zip(frame["item_id"], times)]
+        return frame
     out = []
     for part in text.split(","):
         item, _, stamp = part.strip().partition(":")
@@ -126,13 +126,18 @@ def run(argv: list[str] | None = None) -> int:
         )
     elif cmd == "evaluate":
         result = stages.evaluate(
-            cfg, paths.prepared, Path(args.model or paths.model(r)), Path(args.out or paths.metrics(r))
+            cfg,
+            paths.prepared,
+            Path(args.model or paths.model(r)),
+            Path(args.out or paths.metrics(r)),
         )
     elif cmd == "recommend":
         from tdm.recommender import Recommender
 
         rec = Recommender.load(args.model)
-        items, scores = rec.recommend(_history(args.history), args.k, exclude_seen=not args.keep_seen)
+        items, scores = rec.recommend(
+            _history(args.history), args.k, exclude_seen=not args.keep_seen
+        )
         result = {"items": items.tolist(), "scores": [round(float(s), 6) for s in scores]}
     elif cmd == "pipeline":
         result = stages.pipeline(cfg, paths)

@@ -85,6 +85,7 @@ class TrainConfig:
     num_threads: int = 0
     seed: int = 0
     max_samples_per_epoch: int = 0
+    bucket_by_length: bool = True
     progress: bool = True
 
 

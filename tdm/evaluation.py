@@ -78,7 +78,13 @@ def layerwise_report(rec, split, cfg: Config) -> dict:
     rows = np.arange(len(split.hist_offsets) - 1)
     hist, windows = eval_batch(split, rows, rec.max_history, rec.window_bounds)
     _, _, levels = beam_search(
-        rec.model, tree, hist, windows, k, device=rec.device, return_levels=True,
+        rec.model,
+        tree,
+        hist,
+        windows,
+        k,
+        device=rec.device,
+        return_levels=True,
         batch_size=cfg.retrieval.batch_size,
     )
     brute = [None] + [

@@ -1,4 +1,4 @@
-"""Evaluation metrics (Sec. 5.2, Eq. 5-7), filtering modes (Sec. 5.3) and layer-wise recall (Fig. 4).
+"""Metrics (Sec. 5.2, Eq. 5-7), filtering modes (Sec. 5.3) and layer-wise recall (Fig. 4).
 
 Pure numpy. Ragged per-user sets are CSR pairs ``(values, offsets)``: the set of user ``u`` is
 ``values[offsets[u]:offsets[u + 1]]``, ``offsets`` has ``U + 1`` entries and starts at 0.
@@ -30,7 +30,9 @@ def csr_rows(offsets: np.ndarray) -> np.ndarray:
     return np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
 
 
-def csr_from_rows(rows: np.ndarray, values: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+def csr_from_rows(
+    rows: np.ndarray, values: np.ndarray, n_rows: int
+) -> tuple[np.ndarray, np.ndarray]:
     """CSR ``(values, offsets)`` from entries already sorted by row.
 
     Args:
@@ -59,7 +61,15 @@ def _keys(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64)
     values = np.asarray(values, dtype=np.int64)
     keep = values >= 0
-    return np.unique(rows[keep] * n + values[keep])
+    return _sorted_unique(rows[keep] * n + values[keep])
+
+
+def _sorted_unique(keys: np.ndarray) -> np.ndarray:
+    """``np.unique`` by sort and compare (faster than the hash path of recent numpy)."""
+    keys = np.sort(keys)
+    if len(keys) < 2:
+        return keys
+    return keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
 
 
 def _in_sorted(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
@@ -188,7 +198,7 @@ def recall_at_k(pred: Sequence[Sequence[int]], truth: Sequence[Sequence[int]], k
     if len(pred) != len(truth):
         raise ValueError(f"{len(pred)} prediction lists for {len(truth)} users")
     values = []
-    for p, g in zip(pred, truth):
+    for p, g in zip(pred, truth, strict=True):
         g_set = {int(x) for x in g}
         if not g_set:
             continue
@@ -208,7 +218,7 @@ def _check_mode(mode: str, item_category: np.ndarray | None) -> None:
 def _user_categories(
     seen_items: np.ndarray, seen_offsets: np.ndarray, cat_index: np.ndarray, n_cat: int
 ) -> np.ndarray:
-    """Sorted unique keys ``user * n_cat + category`` of the categories each user interacted with."""
+    """Sorted unique keys ``user * n_cat + category`` of the categories each user saw."""
     return _keys(csr_rows(seen_offsets), cat_index[np.asarray(seen_items, dtype=np.int64)], n_cat)
 
 
@@ -342,9 +352,10 @@ def complement(
     flat = pred.ravel()
     keys = np.where(flat >= 0, rows * n + flat, -1 - np.arange(len(flat)))  # padding: unique
     keep = (flat >= 0) & ~_in_sorted(keys, x_keys)
-    _, first = np.unique(keys, return_index=True)
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
     is_first = np.zeros(len(keys), dtype=bool)
-    is_first[first] = True
+    is_first[order] = np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))[: len(keys)]
     keep = (keep & is_first).reshape(n_users, width)
     rank = np.cumsum(keep, axis=1) - 1  # (U, K) position in the filtered list
     keep &= rank < M

@@ -19,9 +19,10 @@ naming a user class, which is then constructed as ``Class(n_embeddings, cfg, tim
 - ``forward(hist, windows, node_rows) = score(user_state(hist, windows), node_rows)``.
 
 A state is a tensor or a tuple of tensors, each with the batch (user) dimension first. Beam search
-scores the N candidate nodes of every user in one ``score`` call and selects a subset of users
-with ``select_state(state, index)``, which indexes the first dimension of every tensor; a custom
-scorer's state must therefore keep the batch dimension first in every tensor.
+scores the N candidate nodes of every user in one ``score`` call (no expansion of the state);
+code that needs a subset of the users (say, dropping finished ones) uses
+``select_state(state, index)``, which indexes the first dimension of every tensor, so a custom
+scorer's state must keep the batch dimension first in every tensor.
 
 Built-ins
 ---------
@@ -44,6 +45,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -72,20 +74,26 @@ def select_state(state: State, index: torch.Tensor) -> State:
     return tuple(t[index] for t in state)
 
 
-def window_weights(hist: torch.Tensor, windows: torch.Tensor, time_windows: int) -> torch.Tensor:
+def window_weights(
+    hist: torch.Tensor,
+    windows: torch.Tensor,
+    time_windows: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Averaging weights that spread each behaviour over its time window.
 
     Args:
         hist: (B, L) int64 embedding rows, -1 on padding.
         windows: (B, L) int64 time windows in [0, W), -1 on padding (values >= W go to W-1).
         time_windows: W.
+        dtype: of the result.
     Returns:
-        (B, L, W) float32: ``1 / n_w`` where behaviour l lies in window w holding ``n_w`` valid
+        (B, L, W): ``1 / n_w`` where behaviour l lies in window w holding ``n_w`` valid
         behaviours, 0 elsewhere (padding and other windows).
     """
     valid = (hist >= 0) & (windows >= 0)  # (B, L)
     win = windows.clamp(0, time_windows - 1)
-    onehot = F.one_hot(win, time_windows).to(torch.float32) * valid.unsqueeze(-1)  # (B, L, W)
+    onehot = F.one_hot(win, time_windows).to(dtype) * valid.unsqueeze(-1)  # (B, L, W)
     count = onehot.sum(dim=1, keepdim=True).clamp_min(1.0)  # (B, 1, W)
     return onehot / count
 
@@ -119,9 +127,9 @@ class _Scorer(nn.Module):
 
     def window_means(self, hist: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """(B, W*D) unweighted per-window means of the behaviour embeddings (zeros if empty)."""
-        avg = window_weights(hist, windows, self.time_windows)  # (B, L, W)
         emb = self.embedding(_rows(hist))  # (B, L, D)
-        means = torch.einsum("blw,bld->bwd", avg.to(emb.dtype), emb)  # (B, W, D)
+        avg = window_weights(hist, windows, self.time_windows, emb.dtype)  # (B, L, W)
+        means = torch.einsum("blw,bld->bwd", avg, emb)  # (B, W, D)
         return means.flatten(1)  # (B, W*D)
 
     def user_state(self, hist: torch.Tensor, windows: torch.Tensor) -> State:
@@ -161,6 +169,139 @@ class _Head(nn.Module):
         return self.out(h).view(B, N)  # (B, N)
 
 
+CPU_CHUNK_ELEMENTS = 1 << 21
+CUDA_CHUNK_ELEMENTS = 1 << 26
+
+
+def _chunk_users(device: torch.device, per_user: int) -> int:
+    """Users per chunk of the activation unit: cache-sized on CPU, large on GPUs."""
+    budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else CUDA_CHUNK_ELEMENTS
+    return max(1, budget // max(per_user, 1))
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for ``t``'s device, else ``t.dtype``."""
+    device_type = t.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return t.dtype
+
+
+class _ActivationUnit(torch.autograd.Function):
+    """Activation-unit weights (Fig. 2) from the split first layer, chunked and memory-lean.
+
+    For user b, node n and behaviour l (H values each)::
+
+        x[b, n, l] = A3·(emb[b, l] * node[b, n]) + user_part[b, l] + node_part[b, n]
+        weight[b, n, l] = PReLU(x[b, n, l]) @ out_weight + out_bias
+
+    The pair term is one batched matmul of the node embeddings against ``emb[b] ⊙ A3``
+    (D, L*H) per user. The (B, N, L, H) pre-activation is built a chunk of users at a time
+    (cache-sized on CPU) and recomputed in backward instead of stored, so the largest tensor of
+    the model never exists in full.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        node: torch.Tensor,  # (B, N, D)
+        emb: torch.Tensor,  # (B, L, D) behaviour embeddings
+        pair: torch.Tensor,  # (H, D) A3
+        user_part: torch.Tensor,  # (B, L, H)
+        node_part: torch.Tensor,  # (B, N, H)
+        slope: torch.Tensor,  # (1,) PReLU slope
+        out_weight: torch.Tensor,  # (H,)
+        out_bias: torch.Tensor,  # (1,)
+        chunk: int,
+    ) -> torch.Tensor:
+        B, N, _ = node.shape
+        L = emb.shape[1]
+        out = node.new_empty(B, N, L)
+        with torch.autocast(node.device.type, enabled=False):
+            for s in range(0, B, chunk):
+                e = min(s + chunk, B)
+                _, x = _pre_activation(node, emb, pair, user_part, node_part, s, e)  # (c,N,L,H)
+                torch.matmul(F.prelu(x, slope), out_weight, out=out[s:e])  # (c, N, L)
+            out += out_bias
+        ctx.save_for_backward(node, emb, pair, user_part, node_part, slope, out_weight)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        with torch.autocast(grad.device.type, enabled=False):
+            return _ActivationUnit._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        node, emb, pair, user_part, node_part, slope, out_weight = ctx.saved_tensors
+        B, N, D = node.shape
+        L, H = user_part.shape[1], user_part.shape[2]
+        grad = grad.to(node.dtype).contiguous()  # (B, N, L)
+        g_node = torch.empty_like(node)
+        g_emb = torch.empty_like(emb)
+        acc = torch.promote_types(node.dtype, torch.float32)  # accumulate in >= float32
+        g_pair = torch.zeros(H, D, dtype=acc, device=node.device)
+        g_user = torch.empty_like(user_part)
+        g_npart = torch.empty_like(node_part)
+        g_x_sum = torch.zeros(H, dtype=acc, device=node.device)  # sum g * x
+        g_neg_sum = torch.zeros(H, dtype=acc, device=node.device)  # sum g * min(x, 0)
+        v_neg = out_weight * slope  # (H,) d weight / d x where x <= 0
+        for s in range(0, B, ctx.chunk):
+            e = min(s + ctx.chunk, B)
+            c = e - s
+            pw, x = _pre_activation(node, emb, pair, user_part, node_part, s, e)  # (c,N,L,H)
+            g = grad[s:e].reshape(1, -1)  # (1, c*N*L)
+            g_x_sum += (g @ x.view(-1, H)).view(H)
+            g_x = torch.where(x > 0, out_weight, v_neg)  # (c, N, L, H)
+            g_neg_sum += (g @ x.clamp_(max=0).view(-1, H)).view(H)
+            g_x.mul_(grad[s:e].unsqueeze(-1))  # (c, N, L, H) d loss / d x
+            torch.sum(g_x, dim=1, out=g_user[s:e])  # (c, L, H)
+            torch.sum(g_x, dim=2, out=g_npart[s:e])  # (c, N, H)
+            g_x = g_x.view(c, N, L * H)
+            torch.bmm(g_x, pw.transpose(1, 2), out=g_node[s:e])  # (c, N, D)
+            g_pw = torch.bmm(node[s:e].transpose(1, 2), g_x).view(c, D, L, H)  # (c, D, L, H)
+            g_emb[s:e] = torch.einsum("cdlh,hd->cld", g_pw, pair)  # (c, L, D)
+            g_pair += torch.einsum("cdlh,cld->hd", g_pw, emb[s:e])  # (H, D)
+        # PReLU(x) = x - (1 - a) min(x, 0)
+        g_out_weight = g_x_sum - (1 - slope.to(acc)) * g_neg_sum  # (H,)
+        g_slope = (g_neg_sum * out_weight.to(acc)).sum().reshape(1)  # (1,)
+        g_bias = grad.sum().reshape(1)
+        return (
+            g_node,
+            g_emb,
+            g_pair.to(pair.dtype),
+            g_user,
+            g_npart,
+            g_slope.to(slope.dtype),
+            g_out_weight.to(out_weight.dtype),
+            g_bias.to(node.dtype),
+            None,
+        )
+
+
+def _pre_activation(
+    node: torch.Tensor,
+    emb: torch.Tensor,
+    pair: torch.Tensor,
+    user_part: torch.Tensor,
+    node_part: torch.Tensor,
+    s: int,
+    e: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair weights (c, D, L*H) and pre-activation (c, N, L, H) of users s..e-1.
+
+    See ``_ActivationUnit``; c = e - s.
+    """
+    c, N, L, H = e - s, node.shape[1], emb.shape[1], pair.shape[0]
+    pw = emb[s:e].transpose(1, 2).unsqueeze(-1) * pair.t().unsqueeze(1)  # (c, D, L, H)
+    pw = pw.view(c, -1, L * H)  # (c, D, L*H): emb ⊙ A3
+    x = torch.bmm(node[s:e], pw).view(c, N, L, H)  # A3·(b*n)
+    x += user_part[s:e].unsqueeze(1)  # (A1+A4)·b + bias
+    x += node_part[s:e].unsqueeze(2)  # (A2-A4)·n
+    return pw, x
+
+
 class AttentionDNN(_Scorer):
     """TDM attention-DNN (Sec. 3.4, Fig. 2).
 
@@ -170,10 +311,12 @@ class AttentionDNN(_Scorer):
         A·[b, n, b*n, b-n] = (A1+A4)·b + (A2-A4)·n + A3·(b*n)
 
     The b-part is per user (``user_state``), the n-part per node, and only the ``b*n`` part is per
-    (behaviour, node) pair: one batched matmul of the node embeddings against ``b ⊙ A3`` which is
-    also prepared per user. The 4D concatenation is never materialised.
+    (behaviour, node) pair: one batched matmul of the node embeddings against ``b ⊙ A3``
+    (``_ActivationUnit``). The 4D concatenation is never materialised.
 
-    State: ``(user_part (B, L, H), pair_weight (B, D, L*H), spread (B, L, W*D))``.
+    State: ``(emb (B, L, D), user_part (B, L, H), spread (B, L, W*D))``: behaviour embeddings,
+    the per-user share of the activation unit's first layer, and the embeddings spread over their
+    time windows with the 1/count averaging factor (zero rows on padding).
     """
 
     def __init__(self, n_embeddings: int, cfg: ModelConfig, time_windows: int) -> None:
@@ -189,27 +332,33 @@ class AttentionDNN(_Scorer):
         B, L = hist.shape
         emb = self.embedding(_rows(hist))  # (B, L, D)
         A = self.attention_in.weight  # (H, 4D)
-        A1, A3, A4 = A[:, :D], A[:, 2 * D : 3 * D], A[:, 3 * D :]
+        A1, A4 = A[:, :D], A[:, 3 * D :]
         user_part = emb @ (A1 + A4).t() + self.attention_in.bias  # (B, L, H)
-        pair_weight = emb.unsqueeze(-2) * A3  # (B, L, H, D)
-        pair_weight = pair_weight.reshape(B, -1, D).transpose(1, 2)  # (B, D, L*H)
-        avg = window_weights(hist, windows, self.time_windows).to(emb.dtype)  # (B, L, W)
+        avg = window_weights(hist, windows, self.time_windows, emb.dtype)  # (B, L, W)
         spread = (avg.unsqueeze(-1) * emb.unsqueeze(2)).reshape(B, L, -1)  # (B, L, W*D)
-        return user_part, pair_weight, spread
+        return emb, user_part, spread
 
     def score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
-        user_part, pair_weight, spread = state
+        emb, user_part, spread = state
         D = self.dim
         B, N = node_rows.shape
         L, H = user_part.shape[1], user_part.shape[2]
         node = self.embedding(_rows(node_rows))  # (B, N, D)
         A = self.attention_in.weight  # (H, 4D)
-        A2, A4 = A[:, D : 2 * D], A[:, 3 * D :]
+        A2, A3, A4 = A[:, D : 2 * D], A[:, 2 * D : 3 * D], A[:, 3 * D :]
         node_part = node @ (A2 - A4).t()  # (B, N, H)
-        act = torch.bmm(node, pair_weight.to(node.dtype)).view(B, N, L, H)  # (B, N, L, H)
-        act = act + user_part.unsqueeze(1) + node_part.unsqueeze(2)  # (B, N, L, H)
-        act = self.attention_act(act)
-        weight = self.attention_out(act).squeeze(-1)  # (B, N, L) activation weights
+        dtype = _compute_dtype(node)
+        weight = _ActivationUnit.apply(
+            node.to(dtype),
+            emb.to(dtype),
+            A3.to(dtype),
+            user_part.to(dtype),
+            node_part.to(dtype),
+            self.attention_act.weight.to(dtype),
+            self.attention_out.weight.view(-1).to(dtype),
+            self.attention_out.bias.to(dtype),
+            _chunk_users(node.device, N * L * H),
+        )  # (B, N, L) activation weights
         # Padding behaviours have zero rows in ``spread``, so their weights drop out.
         pooled = torch.bmm(weight, spread.to(weight.dtype))  # (B, N, W*D) window averages
         h = self.head.first(torch.cat([pooled, node.to(pooled.dtype)], dim=-1))  # (B, N, H1)

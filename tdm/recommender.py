@@ -105,7 +105,8 @@ class Recommender:
         from tdm.retrieval import beam_search
 
         if isinstance(history, pd.DataFrame):
-            pairs = list(zip(history["item_id"], history.get("timestamp", [None] * len(history))))
+            stamps = history["timestamp"] if "timestamp" in history else [None] * len(history)
+            pairs = list(zip(history["item_id"], stamps, strict=True))
         else:
             pairs = list(history)
         ids = np.array([int(i) for i, _ in pairs], dtype=np.int64)

@@ -14,9 +14,9 @@ Conventions shared by ``beam_search`` and ``brute_force``:
   rows (``tdm.metrics.excluded_items``), or a dense (U, n_items) bool array/tensor (True =
   excluded). Excluded items' leaves never enter the result set (Algorithm 1, line 3); the beam over
   inner nodes is unchanged. Ask for k larger than M when filtering so that enough items remain.
-- ``stats``: an optional dict the call fills with ``nodes_scored`` (total), ``nodes_scored_per_user``
-  ((U,) int64, padding not counted), ``max_nodes_scored``, ``user_state_calls`` and
-  ``score_calls``.
+- ``stats``: an optional dict the call fills with ``nodes_scored`` (total),
+  ``nodes_scored_per_user`` ((U,) int64, padding not counted), ``max_nodes_scored``,
+  ``user_state_calls`` and ``score_calls``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,10 @@ class TreeTensors:
         node_item: (n_nodes,) int64 item id at leaves, -1 at inner nodes.
         item_leaf: (max_item + 1,) int64 leaf of each item id, -1 for ids not in the tree.
         leaf_nodes: (n_items,) int64 all leaves in node order.
+        item_leaf_host: ``item_leaf`` as a numpy array.
+        level_offsets: (depth+2,) numpy node-id range of each level.
+        parent_host: (n_nodes,) numpy parent of each node, -1 at the root.
+        leaves_under_host: (n_nodes,) numpy number of leaves in each node's subtree.
     """
 
     n_nodes: int
@@ -64,7 +68,10 @@ class TreeTensors:
     node_item: torch.Tensor
     item_leaf: torch.Tensor
     leaf_nodes: torch.Tensor
+    item_leaf_host: np.ndarray
     level_offsets: np.ndarray
+    parent_host: np.ndarray
+    leaves_under_host: np.ndarray
 
     @classmethod
     def build(cls, tree: Any, device: torch.device | str) -> TreeTensors:
@@ -98,7 +105,14 @@ class TreeTensors:
             node_item=t(node_item),
             item_leaf=t(item_leaf),
             leaf_nodes=t(leaf_nodes.astype(np.int64)),
+            item_leaf_host=item_leaf,
             level_offsets=np.asarray(tree.level_offsets, dtype=np.int64),
+            parent_host=np.asarray(tree.parent, dtype=np.int64),
+            leaves_under_host=_leaves_under(
+                np.asarray(tree.parent, dtype=np.int64),
+                is_leaf,
+                np.asarray(tree.level_offsets, dtype=np.int64),
+            ),
         )
 
     def children_of(self, nodes: torch.Tensor) -> torch.Tensor:
@@ -119,6 +133,17 @@ class TreeTensors:
         pos = pos.clamp(max=max(len(self.child_list) - 1, 0))
         kids = self.child_list[pos].masked_fill(~has, -1)  # (B, K, a)
         return kids.flatten(1)  # (B, K*a)
+
+
+def _leaves_under(parent: np.ndarray, is_leaf: np.ndarray, level_offsets: np.ndarray) -> np.ndarray:
+    """(n_nodes,) number of leaves in each subtree, accumulated bottom-up one level at a time."""
+    count = is_leaf.astype(np.int64)
+    for j in range(len(level_offsets) - 2, 0, -1):
+        lo, hi = level_offsets[j], level_offsets[j + 1]
+        count += np.bincount(parent[lo:hi], weights=count[lo:hi], minlength=len(count)).astype(
+            np.int64
+        )
+    return count
 
 
 _CACHE: dict[tuple[int, str], tuple[weakref.ref, TreeTensors]] = {}
@@ -187,45 +212,51 @@ def _topk_pad(
 
 
 class _Excluder:
-    """Membership test of (user, leaf) pairs in one batch's excluded items."""
+    """Membership test of (user, node) pairs in one batch's excluded set.
+
+    The set holds every excluded leaf and every inner node all of whose leaves are excluded, so
+    beam search never spends a beam slot on a subtree with nothing left to recommend (with
+    interacted categories filtered on a category tree, whole subtrees drop out).
+    """
 
     def __init__(self, exclude: Any, start: int, stop: int, tt: TreeTensors, device: torch.device):
-        self.tt = tt
-        self.dense: torch.Tensor | None = None
-        self.keys: torch.Tensor | None = None
+        self.n_nodes = tt.n_nodes
         if isinstance(exclude, tuple):
             items, offsets = exclude
-            offsets = np.asarray(offsets, dtype=np.int64)
-            sub = offsets[start : stop + 1]
+            sub = np.asarray(offsets, dtype=np.int64)[start : stop + 1]
             items = np.asarray(items, dtype=np.int64)[sub[0] : sub[-1]]
             rows = np.repeat(np.arange(stop - start, dtype=np.int64), np.diff(sub))
-            item_leaf = tt.item_leaf.cpu().numpy()
-            known = (items >= 0) & (items < len(item_leaf))
-            leaves = item_leaf[items[known]]
-            rows = rows[known][leaves >= 0]
-            leaves = leaves[leaves >= 0]
-            keys = np.sort(rows * tt.n_nodes + leaves)
-            self.keys = torch.as_tensor(keys, device=device)
         else:
             dense = exclude[start:stop]
-            if not isinstance(dense, torch.Tensor):
-                dense = torch.as_tensor(np.asarray(dense, dtype=bool))
-            self.dense = dense.to(device=device, dtype=torch.bool)
+            if isinstance(dense, torch.Tensor):
+                dense = dense.cpu().numpy()
+            rows, items = np.nonzero(np.asarray(dense, dtype=bool))
+        item_leaf = tt.item_leaf_host
+        known = (items >= 0) & (items < len(item_leaf))
+        leaves = item_leaf[items[known]]
+        rows = rows[known][leaves >= 0]
+        leaves = leaves[leaves >= 0]
+        keys = [np.unique(rows * self.n_nodes + leaves)]  # distinct excluded (user, leaf)
+        rows, cur = keys[0] // self.n_nodes, keys[0] % self.n_nodes
+        while len(cur):  # climb: an inner node is excluded when all its leaves are
+            prev, cur = cur, tt.parent_host[cur]
+            up = cur >= 0
+            weight = tt.leaves_under_host[prev[up]]  # leaves a fully excluded child brings
+            anc, inverse = np.unique(rows[up] * self.n_nodes + cur[up], return_inverse=True)
+            counts = np.bincount(inverse.ravel(), weights=weight, minlength=len(anc))
+            full = anc[counts == tt.leaves_under_host[anc % self.n_nodes]]
+            keys.append(full)
+            rows, cur = full // self.n_nodes, full % self.n_nodes
+        self.keys = torch.as_tensor(np.sort(np.concatenate(keys)), device=device)
 
     def __call__(self, nodes: torch.Tensor) -> torch.Tensor:
-        """(B, C) node ids (>= 0) -> (B, C) bool, True where the node is an excluded leaf."""
-        if self.keys is not None:
-            if self.keys.numel() == 0:
-                return torch.zeros_like(nodes, dtype=torch.bool)
-            user = torch.arange(nodes.shape[0], device=nodes.device).unsqueeze(1)  # (B, 1)
-            keys = user * self.tt.n_nodes + nodes  # (B, C)
-            pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
-            return self.keys[pos] == keys
-        assert self.dense is not None
-        item = self.tt.node_item[nodes]  # (B, C)
-        known = (item >= 0) & (item < self.dense.shape[1])
-        hit = self.dense.gather(1, item.clamp(min=0, max=self.dense.shape[1] - 1))  # (B, C)
-        return hit & known
+        """(B, C) node ids (>= 0) -> (B, C) bool, True where the node is excluded."""
+        if self.keys.numel() == 0:
+            return torch.zeros_like(nodes, dtype=torch.bool)
+        user = torch.arange(nodes.shape[0], device=nodes.device).unsqueeze(1)  # (B, 1)
+        keys = user * self.n_nodes + nodes  # (B, C)
+        pos = torch.searchsorted(self.keys, keys).clamp(max=self.keys.numel() - 1)
+        return self.keys[pos] == keys
 
 
 def _check_inputs(hist: Any, windows: Any, k: int, exclude: Any) -> int:
@@ -357,13 +388,14 @@ def _beam_batch(
     state = model.user_state(hist, windows)  # once per user
     calls[0] += 1
     root = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1)
-    queue = tt.children_of(root)  # (B, C) Algorithm 1, line 1 (root expanded)
+    # Algorithm 1, line 1, with the root expanded (unless it is the only node and a leaf)
+    queue = root if tt.depth == 0 else tt.children_of(root)  # (B, C)
     base = torch.zeros(queue.shape, device=device)  # (B, C) ancestors' log-probability
     found_nodes: list[torch.Tensor] = []
     found_scores: list[torch.Tensor] = []
     level_top: list[torch.Tensor] = []
     scored = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
-    for _level in range(1, tt.depth + 1):  # Algorithm 1, lines 2-7
+    for _level in range(max(tt.depth, 1)):  # Algorithm 1, lines 2-7: levels 1..depth
         valid = queue >= 0  # (B, C)
         if queue.shape[1] == 0 or not bool(valid.any()):  # line 7: Q is empty
             break
@@ -374,29 +406,36 @@ def _beam_batch(
         rank = base + F.logsigmoid(logits) if path else logits  # (B, C) Sec. 5.4 for "path"
         rank = rank.masked_fill(~valid, -float("inf"))
         leaf = valid & tt.is_leaf[safe]  # (B, C)
-        if want_levels:
+        if want_levels and tt.depth > 0:
             level_top.append(_topk_pad(rank, queue, k)[0])  # (B, k)
         # line 3: leaves of Q go to A; only the best k of a level can reach the final top k
-        leaf_rank = rank.masked_fill(~leaf, -float("inf"))
-        if excluder is not None:
-            leaf_rank = leaf_rank.masked_fill(excluder(safe), -float("inf"))
-        a_nodes, a_scores = _topk_pad(leaf_rank, queue, k)  # (B, k)
-        found_nodes.append(a_nodes)
-        found_scores.append(a_scores)
+        if bool(leaf.any()):
+            leaf_rank = rank.masked_fill(~leaf, -float("inf"))
+            if excluder is not None:
+                leaf_rank = leaf_rank.masked_fill(excluder(safe), -float("inf"))
+            a_nodes, a_scores = _topk_pad(leaf_rank, queue, k)  # (B, k)
+            found_nodes.append(a_nodes)
+            found_scores.append(a_scores)
+            inner = valid & ~leaf  # (B, C)
+            rank = rank.masked_fill(leaf, -float("inf"))
+        else:
+            inner = valid
+        if excluder is not None:  # a subtree with every leaf excluded has nothing to give
+            rank = rank.masked_fill(excluder(safe), -float("inf"))
+            inner = inner & ~torch.isneginf(rank)
         # line 5: top k of the remaining (inner) nodes of Q
-        inner = valid & ~leaf  # (B, C)
-        inner_rank = rank.masked_fill(~inner, -float("inf"))
         kk = min(k, queue.shape[1])
-        top_s, top_i = inner_rank.topk(kk, dim=1)  # (B, kk)
+        top_s, top_i = rank.topk(kk, dim=1)  # (B, kk)
         top_nodes = queue.gather(1, top_i).masked_fill(~inner.gather(1, top_i), -1)  # (B, kk)
         # line 6: Q = children of the top k
         queue = tt.children_of(top_nodes)  # (B, kk*a)
         base = top_s.repeat_interleave(tt.max_arity, dim=1)  # (B, kk*a)
         has = queue >= 0
-        order = torch.sort((~has).to(torch.int8), dim=1, stable=True).indices  # valid first
         width = int(has.sum(dim=1).max()) if has.numel() else 0
-        queue = queue.gather(1, order)[:, :width]  # (B, C')
-        base = base.gather(1, order)[:, :width]
+        if width < queue.shape[1]:  # drop padding: valid entries first, then trim
+            order = torch.sort((~has).to(torch.int8), dim=1, stable=True).indices
+            queue = queue.gather(1, order)[:, :width]  # (B, C')
+            base = base.gather(1, order)[:, :width]
     while want_levels and len(level_top) < tt.depth:
         level_top.append(torch.full((batch, k), -1, dtype=torch.long, device=device))
     # line 8: the top k of A

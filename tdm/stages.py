@@ -32,7 +32,9 @@ TRAIN_LOG_FILE = "train_log.json"
 
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
-    atomic_write_bytes(Path(path), (json.dumps(data, indent=2, default=_json_default) + "\n").encode())
+    atomic_write_bytes(
+        Path(path), (json.dumps(data, indent=2, default=_json_default) + "\n").encode()
+    )
 
 
 def _json_default(value: Any) -> Any:
@@ -59,7 +61,9 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def _temp_dir_for(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would carry over to the published folder
+    return tmp
 
 
 # --------------------------------------------------------------------------------------- data
@@ -109,7 +113,11 @@ def relearn_tree(cfg: Config, embeddings_path: Path, out_path: Path) -> dict:
 
     emb = np.load(embeddings_path)
     tree = kmeans_tree(
-        np.arange(len(emb)), emb, arity=cfg.tree.arity, seed=cfg.tree.seed, iters=cfg.tree.kmeans_iters
+        np.arange(len(emb)),
+        emb,
+        arity=cfg.tree.arity,
+        seed=cfg.tree.seed,
+        iters=cfg.tree.kmeans_iters,
     )
     tree.save(out_path)
     return tree.stats()
@@ -163,7 +171,13 @@ def train(
     ckpt_dir = out_dir.with_name(out_dir.name + ".ckpt")
     t0 = time.perf_counter()
     result = fit(
-        model, tree, source, sampler, cfg.train, checkpoint_dir=ckpt_dir, callback=callback,
+        model,
+        tree,
+        source,
+        sampler,
+        cfg.train,
+        checkpoint_dir=ckpt_dir,
+        callback=callback,
         resume=True,
     )
     seconds = time.perf_counter() - t0
@@ -206,11 +220,18 @@ class TrainSamples:
         self.max_history = max_history
         self.positions = training_positions(data.train, min_history)
         self.n_samples = len(self.positions)
+        starts = data.train.offsets[:-1][
+            np.searchsorted(data.train.offsets, self.positions, side="right") - 1
+        ]
+        self.lengths = np.minimum(self.positions - starts, max_history)  # (n_samples,)
 
     def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Histories (right-aligned) trimmed to the longest one in the batch."""
         from tdm.data.features import train_batch
 
-        return train_batch(self.data, self.positions[index], self.max_history)
+        hist, windows, targets = train_batch(self.data, self.positions[index], self.max_history)
+        width = max(int(self.lengths[index].max()), 1)
+        return hist[:, -width:], windows[:, -width:], targets
 
 
 def export_embeddings(model_dir: Path, out_path: Path) -> dict:
@@ -261,7 +282,9 @@ def evaluate(cfg: Config, prepared_dir: Path, model_dir: Path, out_path: Path) -
 
 
 # --------------------------------------------------------------------------------------- rounds
-def pipeline(cfg: Config, paths: Paths, on_round: Callable[[int, dict], None] | None = None) -> dict:
+def pipeline(
+    cfg: Config, paths: Paths, on_round: Callable[[int, dict], None] | None = None
+) -> dict:
     """The alternating rounds (Sec. 3.5): prepare -> init tree -> [train -> evaluate -> export ->
     relearn]*, writing ``metrics/round_<r>.json`` for every round."""
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from tdm.config import ModelConfig, TrainConfig
+from tdm.config import Config, ModelConfig, TrainConfig
 from tdm.model import build_model
 from tdm.sampler import LayerwiseSampler
 from tdm.tree import Tree
@@ -127,12 +127,51 @@ def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
                 thread.join(timeout=0.01)
 
 
+def bucket_by_length(
+    order: np.ndarray,
+    lengths: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    span: int = 32,
+) -> np.ndarray:
+    """Reorder shuffled samples so that each batch holds histories of similar length.
+
+    Within every run of ``span`` batches of ``order`` the samples are sorted by history length,
+    cut into batches, and the batches shuffled again, so a batch's padding (and the attention
+    work spent on it) shrinks while the epoch still visits the samples in random order at the
+    scale of ``span`` batches.
+
+    Args:
+        order: (S,) sample positions, shuffled.
+        lengths: (n_samples,) history length of every sample.
+        batch_size: samples per batch.
+        rng: generator for the batch shuffle.
+        span: batches per sorted run.
+    Returns:
+        (S,) the same positions, reordered.
+    """
+    chunk = batch_size * span
+    out = []
+    for s in range(0, len(order), chunk):
+        part = order[s : s + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        cuts = list(range(0, len(part), batch_size))
+        out += [part[cuts[i] : cuts[i] + batch_size] for i in rng.permutation(len(cuts))]
+    return np.concatenate(out) if out else order
+
+
 def _batches(
     sample_source: SampleSource, sampler: LayerwiseSampler, order: np.ndarray, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, ...]]:
-    """CPU tensors ``(hist, windows, nodes, labels, mask)`` for consecutive slices of ``order``."""
-    for s in range(0, len(order), batch_size):
-        hist, windows, targets = sample_source.batch(order[s : s + batch_size])
+    """CPU tensors ``(hist, windows, nodes, labels, mask)`` for consecutive slices of ``order``.
+
+    A last slice of a single sample joins the one before it (BatchNorm needs two rows).
+    """
+    bounds = list(range(0, len(order), batch_size)) + [len(order)]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        hist, windows, targets = sample_source.batch(order[s:e])
         nodes, labels, mask = sampler.sample(targets)  # Sec. 3.3
         yield tuple(
             torch.from_numpy(np.ascontiguousarray(a)) for a in (hist, windows, nodes, labels, mask)
@@ -172,12 +211,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model stored in a checkpoint from the file alone.
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model stored in a checkpoint or model file from the file alone.
 
     Args:
-        path: ``epoch_<e>.pt`` or ``last.pt`` written by ``train``.
-        device: where to put the model.
+        path: ``epoch_<e>.pt``/``last.pt`` written by ``train``, or a file from ``save_model``.
+        map_location: where to put the model.
     Returns:
         The model with its trained weights, in eval mode.
     """
@@ -185,7 +224,27 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> nn.
     cfg = ModelConfig(**ckpt["model_config"])
     model = build_model(cfg, ckpt["n_embeddings"], ckpt["time_windows"])
     model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval()
+    return model.to(map_location).eval()
+
+
+def save_model(model: nn.Module, path: str | Path, cfg: Config | ModelConfig | None = None) -> None:
+    """Write the weights with the config needed to rebuild them (``load_checkpoint``), atomically.
+
+    Args:
+        model: a scorer.
+        path: the file to write.
+        cfg: the whole Config (stored as ``config``) or just the ModelConfig; default
+            ``model.cfg``.
+    """
+    model_cfg = cfg.model if isinstance(cfg, Config) else cfg
+    obj = {
+        "format": CHECKPOINT_FORMAT,
+        **_model_meta(model, model_cfg),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    if isinstance(cfg, Config):
+        obj["config"] = cfg.to_dict()
+    _atomic_save(obj, Path(path))
 
 
 def train(
@@ -259,6 +318,10 @@ def train(
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         if cfg.max_samples_per_epoch > 0:
             order = order[: cfg.max_samples_per_epoch]
+        lengths = getattr(sample_source, "lengths", None)
+        if cfg.bucket_by_length and lengths is not None:
+            rng = np.random.default_rng([cfg.seed, epoch, 1])
+            order = bucket_by_length(order, np.asarray(lengths), cfg.batch_size, rng)
         sampler.reseed(cfg.seed, epoch)
         torch.manual_seed(_seed_int(cfg.seed, epoch))
         t0 = time.perf_counter()
@@ -272,9 +335,10 @@ def train(
             disable=not cfg.progress,
             leave=False,
         )
-        for hist, windows, nodes, labels, mask in _prefetch(
-            _batches(sample_source, sampler, order, cfg.batch_size)
-        ):
+        batches = _batches(sample_source, sampler, order, cfg.batch_size)
+        if dev.type != "cpu":  # overlap sampling with the device; on CPU it would steal a core
+            batches = _prefetch(batches)
+        for hist, windows, nodes, labels, mask in batches:
             hist = hist.to(dev, non_blocking=True)  # (B, L)
             windows = windows.to(dev, non_blocking=True)  # (B, L)
             rows = node_rows[nodes.to(dev, non_blocking=True)]  # (B, S)
@@ -375,8 +439,8 @@ def warm_start(new_model: nn.Module, old_model: nn.Module, old_tree: Tree, new_t
     offsets = new_tree.level_offsets
     for j in range(new_tree.depth, 0, -1):  # children before parents
         lo, hi = int(offsets[j]), int(offsets[j + 1])
-        sums.index_add_(0, parent[lo:hi], sums[lo:hi])
-        counts.index_add_(0, parent[lo:hi], counts[lo:hi])
+        sums.index_add_(0, parent[lo:hi], sums[lo:hi].clone())
+        counts.index_add_(0, parent[lo:hi], counts[lo:hi].clone())
     rows = torch.as_tensor(new_tree.embedding_rows(), device=table.device)  # (n_nodes,)
     inner = torch.as_tensor(np.flatnonzero(~new_tree.is_leaf), device=table.device)
     table[:n_items] = items.to(table.dtype)

@@ -45,8 +45,15 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_overrides_apply_with_yaml_types():
-    cfg = load_config(ROOT / "params.yaml", ["train.lr=0.01", "model.hidden=[32, 16]",
-                                              "data.path=/tmp/x", "sampler.negatives_per_level=null"])
+    cfg = load_config(
+        ROOT / "params.yaml",
+        [
+            "train.lr=0.01",
+            "model.hidden=[32, 16]",
+            "data.path=/tmp/x",
+            "sampler.negatives_per_level=null",
+        ],
+    )
     assert cfg.train.lr == 0.01 and cfg.model.hidden == [32, 16]
     assert cfg.data.path == "/tmp/x" and cfg.sampler.negatives_per_level is None
 

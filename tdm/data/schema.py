@@ -63,9 +63,7 @@ def behavior_categorical(values: Sequence[str] | np.ndarray | pd.Series) -> pd.C
     return pd.Categorical(values, categories=list(BEHAVIOR_TYPES))
 
 
-def check_table(
-    df: pd.DataFrame, source_name: str | Path, lines: np.ndarray | None = None
-) -> None:
+def check_table(df: pd.DataFrame, source_name: str | Path, lines: np.ndarray | None = None) -> None:
     """Check that ``df`` is a valid behaviour table; raise on the first offender.
 
     Checks, in order: every column of :data:`COLUMNS` is present; no value is null; id and

@@ -1,0 +1,240 @@
+"""Training (Eq. 4), checkpoints, exact resume and warm start."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tdm.config import Config, ModelConfig, TrainConfig
+from tdm.model import build_model
+from tdm.sampler import LayerwiseSampler, negatives_for_levels
+from tdm.train import (
+    _prefetch,
+    load_checkpoint,
+    masked_bce,
+    read_checkpoint,
+    save_model,
+    train,
+    warm_start,
+)
+from tdm.tree import Tree
+
+N_ITEMS, CLUSTER, L, W = 64, 8, 8, 2
+SMALL = dict(embedding_dim=8, attention_hidden=8, hidden=[32, 16, 8])
+
+
+class ClusterSamples:
+    """Users whose history lies in one cluster of 8 consecutive items (= a level-3 subtree of
+    ``Tree.from_ordered_items(range(64), 2)``); the target is another item of that cluster."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        cluster = rng.integers(0, N_ITEMS // CLUSTER, n)
+        self.hist = cluster[:, None] * CLUSTER + rng.integers(0, CLUSTER, (n, L))
+        self.windows = rng.integers(0, W, (n, L))
+        pad = np.arange(L)[None, :] < rng.integers(0, 4, n)[:, None]
+        self.hist[pad] = -1
+        self.windows[pad] = -1
+        self.targets = cluster * CLUSTER + rng.integers(0, CLUSTER, n)
+        self.n_samples = n
+
+    def batch(self, positions: np.ndarray):
+        return self.hist[positions], self.windows[positions], self.targets[positions]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine they cost a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tree() -> Tree:
+    return Tree.from_ordered_items(np.arange(N_ITEMS), arity=2)
+
+
+def make(tree: Tree, name: str = "attention_dnn", seed: int = 0):
+    model = build_model(ModelConfig(name=name, **SMALL), tree.n_nodes, W, seed=seed)
+    sampler = LayerwiseSampler(tree, negatives_for_levels(tree.level_sizes, 20), seed=0)
+    return model, sampler
+
+
+def config(**kw) -> TrainConfig:
+    base = dict(epochs=3, batch_size=64, lr=0.01, device="cpu", progress=False, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("name", ["attention_dnn", "dnn", "product_dnn"])
+def test_training_learns_the_cluster_structure(tree, name):
+    model, sampler = make(tree, name)
+    result = train(model, tree, ClusterSamples(1536, seed=0), sampler, config())
+    assert len(result.losses) == 3 and result.losses[-1] < 0.8 * result.losses[0]
+    assert result.stats[-1]["pairs_per_s"] > 0 and result.device == "cpu"
+
+    test = ClusterSamples(300, seed=99)
+    rows = torch.as_tensor(tree.embedding_rows())
+    model.eval()
+    with torch.no_grad():
+        state = model.user_state(torch.as_tensor(test.hist), torch.as_tensor(test.windows))
+        level = 3  # the 8 cluster nodes: the true one must come first
+        nodes = np.arange(tree.level_offsets[level], tree.level_offsets[level + 1])
+        logits = model.score(state, rows[nodes].expand(test.n_samples, -1))
+    truth = tree.ancestors(tree.item_to_leaf(test.targets))[:, level]
+    top = nodes[logits.argmax(1).numpy()]
+    assert (top == truth).mean() > 0.8  # random: 1/8
+
+    # the true ancestors outrank the sampled random nodes at every level
+    nodes, labels, mask = LayerwiseSampler(tree, sampler.negatives_per_level, seed=5).sample(
+        test.targets
+    )
+    with torch.no_grad():
+        logits = model.score(state, rows[torch.as_tensor(nodes)]).numpy()
+    pos, neg = logits[mask & (labels == 1)], logits[mask & (labels == 0)]
+    auc = (pos[:, None] > neg[None, :]).mean()
+    assert auc > 0.85
+
+
+def test_resume_equals_uninterrupted_bit_for_bit(tree, tmp_path):
+    data = ClusterSamples(400, seed=1)
+    cfg = config(epochs=3, batch_size=50)
+
+    full, sampler = make(tree)
+    uninterrupted = train(full, tree, data, sampler, cfg, checkpoint_dir=tmp_path / "a")
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(epoch, stats):
+        if epoch == 0:
+            raise Interrupt
+
+    first, sampler = make(tree)
+    with pytest.raises(Interrupt):
+        train(
+            first,
+            tree,
+            data,
+            sampler,
+            cfg,
+            checkpoint_dir=tmp_path / "b",
+            callback=stop_after_first,
+        )
+    assert read_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+
+    resumed, sampler = make(tree, seed=123)  # different init: everything comes from last.pt
+    seen = []
+    result = train(
+        resumed,
+        tree,
+        data,
+        sampler,
+        cfg,
+        checkpoint_dir=tmp_path / "b",
+        resume=True,
+        callback=lambda e, s: seen.append(e),
+    )
+    assert seen == [1, 2]
+    assert result.losses == uninterrupted.losses
+    for (key, a), (_, b) in zip(
+        full.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), key
+
+
+def test_checkpoints_files_and_load_checkpoint(tree, tmp_path):
+    data = ClusterSamples(200, seed=2)
+    model, sampler = make(tree, "dnn")
+    train(model, tree, data, sampler, config(epochs=2), checkpoint_dir=tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["epoch_1.pt", "epoch_2.pt", "last.pt"]  # no temp files left behind
+    ckpt = read_checkpoint(tmp_path / "last.pt")
+    for key in (
+        "model_name",
+        "model_config",
+        "n_embeddings",
+        "time_windows",
+        "optimizer",
+        "train_config",
+        "rng",
+        "losses",
+        "epoch",
+    ):
+        assert key in ckpt
+    assert ckpt["model_name"] == "dnn" and ckpt["epoch"] == 2 and len(ckpt["losses"]) == 2
+
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert not loaded.training
+    model.eval()
+    hist, windows = torch.as_tensor(data.hist[:20]), torch.as_tensor(data.windows[:20])
+    node_rows = torch.arange(30).reshape(1, 30).expand(20, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(hist, windows, node_rows), model(hist, windows, node_rows)
+        )
+
+    save_model(model, tmp_path / "model.pt", Config(model=ModelConfig(name="dnn", **SMALL)))
+    again = load_checkpoint(tmp_path / "model.pt")
+    assert "config" in read_checkpoint(tmp_path / "model.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(again(hist, windows, node_rows), model(hist, windows, node_rows))
+
+    with pytest.raises(ValueError, match="checkpoint"):
+        (tmp_path / "junk.pt").write_bytes(b"")
+        torch.save({"x": 1}, tmp_path / "junk.pt")
+        read_checkpoint(tmp_path / "junk.pt")
+
+
+def test_max_samples_per_epoch_caps_the_epoch(tree):
+    model, sampler = make(tree, "product_dnn")
+    # 129 = 2 * 64 + 1: the lone last sample joins the batch before (BatchNorm over users)
+    result = train(
+        model, tree, ClusterSamples(500, 3), sampler, config(epochs=1, max_samples_per_epoch=129)
+    )
+    assert result.stats[0]["samples"] == 129
+
+
+def test_masked_bce_is_the_mean_over_valid_pairs():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    p = torch.sigmoid(logits)
+    each = -(labels * p.log() + (1 - labels) * (1 - p).log())  # Eq. 4
+    torch.testing.assert_close(masked_bce(logits, labels, mask), each[mask].mean())
+
+
+def test_warm_start_keeps_items_and_sets_internal_nodes_to_leaf_means():
+    n = 20
+    old_tree = Tree.from_ordered_items(np.random.default_rng(0).permutation(n), arity=2)
+    new_tree = Tree.from_ordered_items(np.random.default_rng(1).permutation(n), arity=3)
+    old = build_model(ModelConfig(**SMALL), old_tree.n_nodes, W, seed=0)
+    new = build_model(ModelConfig(**SMALL), new_tree.n_nodes, W, seed=1)
+    warm_start(new, old, old_tree, new_tree)
+
+    old_emb, new_emb = old.embedding.weight.detach(), new.embedding.weight.detach()
+    assert torch.equal(new_emb[:n], old_emb[:n])
+    rows = new_tree.embedding_rows()
+    path = new_tree.ancestors(new_tree.leaf_nodes)  # (n, depth+1)
+    for v in np.flatnonzero(~new_tree.is_leaf):
+        under = new_tree.leaf_items[(path == v).any(1)]
+        torch.testing.assert_close(new_emb[rows[v]], old_emb[under].mean(0))
+    for (key, a), (_, b) in zip(old.state_dict().items(), new.state_dict().items(), strict=True):
+        if key != "embedding.weight":
+            assert torch.equal(a, b), key
+
+
+def test_prefetch_keeps_order_and_raises():
+    assert list(_prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        list(_prefetch(broken()))
+    early = _prefetch(iter(range(100)), depth=2)
+    assert next(early) == 0
+    early.close()  # the producer thread is released
