@@ -92,6 +92,23 @@ def _history(text: str):
     return out
 
 
+def format_rounds(summary: dict, topk: int) -> str:
+    """A plain-text table of Precision/Recall@M per round and filter mode, TDM vs most-popular."""
+    modes = [k.split("/")[1] for k in summary["rounds"][0] if k.startswith("tdm/")][::2]
+    head = f"{'round':>5}  {'method':<12}"
+    head += "".join(f"  {m + ' P/R@' + str(topk):>20}" for m in modes)
+    lines = [head, "-" * len(head)]
+    for row in summary["rounds"]:
+        for who, label in (("tdm", "TDM"), ("most_popular", "most-popular")):
+            cells = "".join(
+                f"  {100 * row[f'{who}/{m}/precision']:>8.2f}% /"
+                f"{100 * row[f'{who}/{m}/recall']:>6.2f}%"
+                for m in modes
+            )
+            lines.append(f"{row['round']:>5}  {label:<12}{cells}")
+    return "\n".join(lines)
+
+
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -140,7 +157,10 @@ def run(argv: list[str] | None = None) -> int:
         )
         result = {"items": items.tolist(), "scores": [round(float(s), 6) for s in scores]}
     elif cmd == "pipeline":
-        result = stages.pipeline(cfg, paths)
+        summary = stages.pipeline(cfg, paths)
+        print(format_rounds(summary, cfg.eval.topk))
+        print(f"metrics: {paths.root / 'metrics'}/round_<r>.json; total {summary['seconds']} s")
+        return 0
     elif cmd == "generate":
         result = stages.generate(cfg, Path(args.out))
     else:  # pragma: no cover - argparse rejects unknown commands

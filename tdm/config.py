@@ -37,7 +37,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    n_users: int = 3000
+    n_users: int = 1500
     n_items: int = 4000
     n_departments: int = 8
     n_categories: int = 64
@@ -76,7 +76,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 256
     lr: float = 0.001
     weight_decay: float = 0.0
@@ -86,6 +86,7 @@ class TrainConfig:
     seed: int = 0
     max_samples_per_epoch: int = 0
     bucket_by_length: bool = True
+    with_eval_history: bool = False
     progress: bool = True
 
 

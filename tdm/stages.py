@@ -167,7 +167,9 @@ def train(
         tree.level_sizes, cfg.sampler.total_negatives
     )
     sampler = LayerwiseSampler(tree, negatives, mode=cfg.sampler.mode, seed=cfg.sampler.seed)
-    source = TrainSamples(data, cfg.data.max_history, cfg.data.min_history)
+    source = TrainSamples(
+        data, cfg.data.max_history, cfg.data.min_history, cfg.train.with_eval_history
+    )
     ckpt_dir = out_dir.with_name(out_dir.name + ".ckpt")
     t0 = time.perf_counter()
     result = fit(
@@ -213,25 +215,46 @@ class TrainSamples:
     features are the at most ``max_history`` behaviours before it, split into time windows.
     """
 
-    def __init__(self, data, max_history: int, min_history: int) -> None:
-        from tdm.data.protocol import training_positions
+    def __init__(
+        self, data, max_history: int, min_history: int, with_eval_history: bool = False
+    ) -> None:
+        from tdm.data.protocol import TrainSplit, training_positions
 
-        self.data = data
+        self.split = data.train
+        if with_eval_history:  # the known first halves of the evaluation users join training
+            evals = (data.valid, data.test)
+            self.split = TrainSplit(
+                users=np.concatenate([data.train.users, *(e.users for e in evals)]),
+                items=np.concatenate([data.train.items, *(e.hist_items for e in evals)]),
+                times=np.concatenate([data.train.times, *(e.hist_times for e in evals)]),
+                offsets=_concat_offsets([data.train.offsets, *(e.hist_offsets for e in evals)]),
+            )
         self.max_history = max_history
-        self.positions = training_positions(data.train, min_history)
+        self.window_bounds = data.window_bounds
+        self.positions = training_positions(self.split, min_history)
         self.n_samples = len(self.positions)
-        starts = data.train.offsets[:-1][
-            np.searchsorted(data.train.offsets, self.positions, side="right") - 1
-        ]
+        offsets = self.split.offsets
+        starts = offsets[:-1][np.searchsorted(offsets, self.positions, side="right") - 1]
         self.lengths = np.minimum(self.positions - starts, max_history)  # (n_samples,)
 
     def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Histories (right-aligned) trimmed to the longest one in the batch."""
         from tdm.data.features import train_batch
 
-        hist, windows, targets = train_batch(self.data, self.positions[index], self.max_history)
+        hist, windows, targets = train_batch(
+            self.split, self.positions[index], self.max_history, self.window_bounds
+        )
         width = max(int(self.lengths[index].max()), 1)
         return hist[:, -width:], windows[:, -width:], targets
+
+
+def _concat_offsets(parts: list[np.ndarray]) -> np.ndarray:
+    """CSR offsets of the concatenation of several CSR arrays."""
+    out, base = [np.zeros(1, dtype=np.int64)], 0
+    for offsets in parts:
+        out.append(offsets[1:] + base)
+        base += offsets[-1]
+    return np.concatenate(out)
 
 
 def export_embeddings(model_dir: Path, out_path: Path) -> dict:

@@ -139,3 +139,20 @@ def test_bad_input_names_the_file_and_keeps_outputs(tmp_path, capsys):
             ]
         )
     assert "nope.tree" in capsys.readouterr().err
+
+
+def test_train_samples_trim_padding_to_the_longest_history(pipeline_root):
+    from tdm.data.features import train_batch
+    from tdm.data.protocol import load_prepared
+    from tdm.stages import TrainSamples
+
+    data = load_prepared(pipeline_root / "prepared")
+    source = TrainSamples(data, max_history=20, min_history=1)
+    index = np.argsort(source.lengths)[:7]  # the shortest histories
+    hist, windows, targets = source.batch(index)
+    assert hist.shape[1] == source.lengths[index].max() < 20
+    full, full_windows, full_targets = train_batch(data, source.positions[index], 20)
+    np.testing.assert_array_equal(full[:, -hist.shape[1] :], hist)
+    assert (full[:, : -hist.shape[1]] == -1).all()
+    np.testing.assert_array_equal(targets, full_targets)
+    assert ((hist >= 0).sum(axis=1) == source.lengths[index]).all()

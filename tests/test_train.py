@@ -238,3 +238,19 @@ def test_prefetch_keeps_order_and_raises():
     early = _prefetch(iter(range(100)), depth=2)
     assert next(early) == 0
     early.close()  # the producer thread is released
+
+
+def test_bucket_by_length_is_a_permutation_of_similar_length_batches():
+    from tdm.train import bucket_by_length
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 70, size=5000)
+    order = rng.permutation(5000)
+    out = bucket_by_length(order, lengths, 50, np.random.default_rng(1), span=10)
+    assert sorted(out.tolist()) == list(range(5000))
+    spread = [np.ptp(lengths[out[i : i + 50]]) for i in range(0, 5000, 50)]
+    random_spread = [np.ptp(lengths[order[i : i + 50]]) for i in range(0, 5000, 50)]
+    assert np.mean(spread) < 0.25 * np.mean(random_spread)
+    # deterministic for a generator seed, so a resumed epoch replays the same batches
+    again = bucket_by_length(order, lengths, 50, np.random.default_rng(1), span=10)
+    np.testing.assert_array_equal(out, again)

@@ -1,5 +1,4 @@
 import re
-import time
 
 import numpy as np
 import pandas as pd
@@ -77,11 +76,12 @@ def test_users_revisit_popular_items_within_category(small):
     assert top > 3 * small["category_id"].nunique() / small["item_id"].nunique()
 
 
-def test_default_config_is_fast():
-    start = time.perf_counter()
-    frame = generate(SyntheticConfig())
-    assert time.perf_counter() - start < 2.0  # ~0.1 s; generous for slow CI machines
-    assert len(frame) > 100_000
+def test_default_config_size():
+    cfg = SyntheticConfig()
+    frame = generate(cfg)
+    per_user = frame.groupby("user_id").size()
+    assert len(per_user) == cfg.n_users
+    assert abs(per_user.mean() - cfg.behaviors_per_user) < 0.2 * cfg.behaviors_per_user
 
 
 def test_userbehavior_csv_round_trip(tmp_path, small):
