@@ -10,8 +10,10 @@ STAMP := $(VENV)/.installed-stamp
 TORCH_SPEC ?= torch==2.13.0
 PARAMS ?= params.yaml
 SET ?=
+DATA := data/synthetic/UserBehavior.csv
+export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup pipeline test test-all lint bench clean
+.PHONY: setup data pipeline repro test test-all lint clean
 
 setup: $(STAMP)
 
@@ -22,8 +24,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[mlops,dev]"
 	touch $(STAMP)
 
-pipeline: $(STAMP)
+# The embedded default data: generated deterministically from the `synthetic` params, so its
+# hash matches data.dvc on every machine.
+data: $(DATA)
+
+$(DATA): | $(STAMP)
+	$(VENV)/bin/tdm generate --params $(PARAMS) --out $@
+
+pipeline: $(STAMP) $(DATA)
 	$(VENV)/bin/tdm pipeline --params $(PARAMS) $(SET)
+
+# The same DAG through DVC (dvc.yaml): cached, re-runs only what changed.
+repro: $(STAMP) $(DATA)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q

@@ -43,7 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     p = add("train", "train the model on a tree (Eq. 4)")
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--tree", help="tree file (default trees/round_<r>.tree)")
-    p.add_argument("--init-from", help="model folder to warm-start from (default: none)")
+    p.add_argument(
+        "--init-from",
+        default="auto",
+        help="model folder to warm-start from; 'auto' (default): models/round_<r-1> when r > 0 "
+        "and rounds.warm_start; 'none': from scratch",
+    )
     p.add_argument("--out", help="model folder (default models/round_<r>)")
     p = add("export-embeddings", "write the trained item embeddings")
     p.add_argument("--round", type=int, default=0)
@@ -92,6 +97,12 @@ def _history(text: str):
     return out
 
 
+def _init_from(value: str, round_: int, warm_start: bool, paths: Paths) -> Path | None:
+    if value == "auto":
+        return paths.model(round_ - 1) if (round_ > 0 and warm_start) else None
+    return None if value == "none" else Path(value)
+
+
 def format_rounds(summary: dict, topk: int) -> str:
     """A plain-text table of Precision/Recall@M per round and filter mode, TDM vs most-popular."""
     modes = [k.split("/")[1] for k in summary["rounds"][0] if k.startswith("tdm/")][::2]
@@ -131,7 +142,7 @@ def run(argv: list[str] | None = None) -> int:
             paths.prepared,
             Path(args.tree or paths.tree(r)),
             Path(args.out or paths.model(r)),
-            init_from=Path(args.init_from) if args.init_from else None,
+            init_from=_init_from(args.init_from, r, cfg.rounds.warm_start, paths),
         )
     elif cmd == "export-embeddings":
         result = stages.export_embeddings(

@@ -22,8 +22,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"
-    path: str | None = None
+    source: str = "userbehavior"
+    path: str | None = "data/synthetic/UserBehavior.csv"
     min_rating: float = 4.0
     min_user_behaviors: int = 10
     n_test_users: int = 100

@@ -12,6 +12,7 @@ from tdm.tree import Tree
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
+    "data.source=synthetic",
     "synthetic.n_users=400",
     "synthetic.n_items=300",
     "synthetic.n_categories=16",
