@@ -266,7 +266,7 @@ def test_load_dataset_missing_path_is_named(tmp_path):
     cfg = DataConfig(source="userbehavior", path=str(missing))
     assert str(missing) in error_of(load_dataset, cfg, SyntheticConfig())
     with pytest.raises(DataError, match="data.path"):
-        load_dataset(DataConfig(source="movielens"), SyntheticConfig())
+        load_dataset(DataConfig(source="movielens", path=None), SyntheticConfig())
 
 
 # ------------------------------------------------------------------------------- check_table
