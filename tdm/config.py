@@ -87,6 +87,8 @@ class TrainConfig:
     max_samples_per_epoch: int = 0
     bucket_by_length: bool = True
     with_eval_history: bool = False
+    select_best: bool = True
+    patience: int = 0
     progress: bool = True
 
 

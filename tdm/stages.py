@@ -171,6 +171,7 @@ def train(
         data, cfg.data.max_history, cfg.data.min_history, cfg.train.with_eval_history
     )
     ckpt_dir = out_dir.with_name(out_dir.name + ".ckpt")
+    monitor = ValidationMonitor(model, tree, data, cfg, callback)
     t0 = time.perf_counter()
     result = fit(
         model,
@@ -179,10 +180,14 @@ def train(
         sampler,
         cfg.train,
         checkpoint_dir=ckpt_dir,
-        callback=callback,
+        callback=monitor,
         resume=True,
     )
     seconds = time.perf_counter() - t0
+    best_epoch = len(result.losses) - 1
+    if cfg.train.select_best and monitor.best_state is not None:
+        model.load_state_dict(monitor.best_state)
+        best_epoch = monitor.best_epoch
 
     tmp = _temp_dir_for(out_dir)
     try:
@@ -194,6 +199,8 @@ def train(
             "epochs": cfg.train.epochs,
             "losses": list(result.losses),
             "samples": source.n_samples,
+            "valid_recall": monitor.history,
+            "best_epoch": best_epoch,
             "negatives_per_level": list(negatives),
             "seconds": round(seconds, 2),
             "device": str(result.device),
@@ -206,6 +213,46 @@ def train(
         raise
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary
+
+
+class ValidationMonitor:
+    """The trainer's epoch callback: Recall@M of the validation users (beam search, no
+    filtering) after every epoch. Keeps the best weights (``train.select_best``) and asks the
+    trainer to stop after ``train.patience`` epochs without improvement. Test users are never
+    looked at. After a resumed run, the best epoch is chosen among the epochs run since."""
+
+    def __init__(self, model, tree: Tree, data, cfg: Config, callback=None) -> None:
+        self.model, self.tree, self.data, self.cfg, self.callback = model, tree, data, cfg, callback
+        self.history: list[float] = []
+        self.best_epoch = -1
+        self.best_state: dict | None = None
+
+    def recall(self) -> float:
+        from tdm.config import EvalConfig
+        from tdm.evaluation import evaluate_split
+        from tdm.recommender import Recommender
+
+        device = next(self.model.parameters()).device
+        rec = Recommender(self.model, self.tree, self.data.items, self.data.meta, device)
+        eval_cfg = EvalConfig(topk=self.cfg.eval.topk, filters=["none"])
+        valid = self.data.valid
+        return float(
+            evaluate_split(rec.ranker(self.cfg.retrieval), self.data, valid, eval_cfg)["none"][
+                "recall"
+            ]
+        )
+
+    def __call__(self, epoch: int, stats: dict) -> bool:
+        recall = self.recall() if len(self.data.valid.users) else float("nan")
+        self.history.append(recall)
+        log.info("epoch %d: validation Recall@%d %.4f", epoch + 1, self.cfg.eval.topk, recall)
+        if self.best_epoch < 0 or recall > self.history[self.best_epoch]:
+            self.best_epoch = len(self.history) - 1
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.callback is not None:
+            self.callback(epoch, {**stats, "valid_recall": recall})
+        patience = self.cfg.train.patience
+        return patience > 0 and len(self.history) - 1 - self.best_epoch >= patience
 
 
 class TrainSamples:

@@ -271,7 +271,7 @@ def train(
         checkpoint_dir: if given, ``epoch_<e>.pt`` (e = 1-based count of finished epochs) and
             ``last.pt`` are written after every epoch, atomically.
         callback: ``callback(epoch, stats)`` after each epoch (0-based epoch, stats as in
-            ``TrainResult.stats``).
+            ``TrainResult.stats``); returning True stops training (early stopping).
         device: overrides ``cfg.device`` (``"auto"``: CUDA when available).
         resume: continue from ``checkpoint_dir/last.pt`` when it exists.
         model_config: the ModelConfig written into checkpoints (default ``model.cfg``).
@@ -398,8 +398,9 @@ def train(
             }
             _atomic_save(ckpt, ckpt_dir / f"epoch_{epoch + 1}.pt")
             _atomic_save(ckpt, ckpt_dir / "last.pt")
-        if callback is not None:
-            callback(epoch, stats)
+        if callback is not None and callback(epoch, stats):
+            logger.info("stopping after epoch %d: the callback asked to stop", epoch + 1)
+            break
     return result
 
 

@@ -157,3 +157,30 @@ def test_train_samples_trim_padding_to_the_longest_history(pipeline_root):
     assert (full[:, : -hist.shape[1]] == -1).all()
     np.testing.assert_array_equal(targets, full_targets)
     assert ((hist >= 0).sum(axis=1) == source.lengths[index]).all()
+
+
+def test_validation_monitor_keeps_best_epoch_and_stops_on_patience():
+    import torch
+
+    from tdm.config import config_from_dict
+    from tdm.stages import ValidationMonitor
+
+    class Scripted(ValidationMonitor):
+        scores = iter([0.1, 0.3, 0.2, 0.25])
+
+        def recall(self):
+            return next(self.scores)
+
+    model = torch.nn.Linear(2, 1)
+    cfg = config_from_dict({"train": {"patience": 2}})
+    data = type("D", (), {"valid": type("V", (), {"users": np.arange(3)})()})()
+    seen = []
+    monitor = Scripted(model, None, data, cfg, callback=lambda e, s: seen.append(s["valid_recall"]))
+    stops = []
+    for epoch in range(4):
+        with torch.no_grad():
+            model.weight.fill_(float(epoch))
+        stops.append(monitor(epoch, {"loss": 1.0}))
+    assert stops == [False, False, False, True]
+    assert monitor.best_epoch == 1 and seen == [0.1, 0.3, 0.2, 0.25]
+    assert torch.all(monitor.best_state["weight"] == 1.0)
