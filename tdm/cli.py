@@ -128,10 +128,10 @@ def run(argv: list[str] | None = None) -> int:
     )
     from tdm import stages  # heavy imports (torch) only once the arguments are valid
 
-    cfg = load_config(args.params, args.overrides)
+    cmd = args.command
+    cfg = None if cmd == "recommend" else load_config(args.params, args.overrides)
     paths = Paths(Path(args.root))
     r = getattr(args, "round", 0)
-    cmd = args.command
     if cmd == "prepare":
         result = stages.prepare(cfg, paths.prepared)
     elif cmd == "init-tree":
