@@ -21,6 +21,7 @@ Conventions shared by ``beam_search`` and ``brute_force``:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -170,6 +171,18 @@ def tree_tensors(tree: Any, device: torch.device | str) -> TreeTensors:
 
 
 # ----------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _inference(model: torch.nn.Module):
+    """Eval mode and ``torch.inference_mode`` for the block; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -340,31 +353,26 @@ def beam_search(
         levels[0][:, 0] = 0
     scored = np.zeros(n_users, dtype=np.int64)
     calls = [0, 0]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, n_users, batch_size):
-                stop = min(start + batch_size, n_users)
-                excluder = None if exclude is None else _Excluder(exclude, start, stop, tt, device)
-                out = _beam_batch(
-                    model,
-                    tt,
-                    _as_long(hist, start, stop, device),
-                    _as_long(windows, start, stop, device),
-                    k,
-                    ranking == "path",
-                    excluder,
-                    return_levels,
-                    calls,
-                )
-                items[start:stop] = out[0].cpu().numpy()
-                scores[start:stop] = out[1].float().cpu().numpy()
-                scored[start:stop] = out[2].cpu().numpy()
-                for j, nodes in enumerate(out[3], start=1):
-                    levels[j][start:stop] = nodes.cpu().numpy()
-    finally:
-        model.train(was_training)
+    with _inference(model):
+        for start in range(0, n_users, batch_size):
+            stop = min(start + batch_size, n_users)
+            excluder = None if exclude is None else _Excluder(exclude, start, stop, tt, device)
+            out = _beam_batch(
+                model,
+                tt,
+                _as_long(hist, start, stop, device),
+                _as_long(windows, start, stop, device),
+                k,
+                ranking == "path",
+                excluder,
+                return_levels,
+                calls,
+            )
+            items[start:stop] = out[0].cpu().numpy()
+            scores[start:stop] = out[1].float().cpu().numpy()
+            scored[start:stop] = out[2].cpu().numpy()
+            for j, nodes in enumerate(out[3], start=1):
+                levels[j][start:stop] = nodes.cpu().numpy()
     _fill_stats(stats, scored, *calls)
     if return_levels:
         return items, scores, levels
@@ -497,35 +505,30 @@ def brute_force(
     scores = np.full((n_users, k), -np.inf, dtype=np.float32)
     scored = np.zeros(n_users, dtype=np.int64)
     calls = [0, 0]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, n_users, batch_size):
-                stop = min(start + batch_size, n_users)
-                batch = stop - start
-                excluder = None if exclude is None else _Excluder(exclude, start, stop, tt, device)
-                state = model.user_state(
-                    _as_long(hist, start, stop, device), _as_long(windows, start, stop, device)
+    with _inference(model):
+        for start in range(0, n_users, batch_size):
+            stop = min(start + batch_size, n_users)
+            batch = stop - start
+            excluder = None if exclude is None else _Excluder(exclude, start, stop, tt, device)
+            state = model.user_state(
+                _as_long(hist, start, stop, device), _as_long(windows, start, stop, device)
+            )
+            calls[0] += 1
+            best_n = torch.full((batch, k), -1, dtype=torch.long, device=device)
+            best_s = torch.full((batch, k), -float("inf"), device=device)
+            for c0 in range(0, len(candidates), node_chunk):
+                chunk = candidates[c0 : c0 + node_chunk].unsqueeze(0).expand(batch, -1)
+                logits = model.score(state, tt.rows[chunk]).float()  # (B, N)
+                calls[1] += 1
+                if excluder is not None:
+                    logits = logits.masked_fill(excluder(chunk), -float("inf"))
+                best_n, best_s = _topk_pad(
+                    torch.cat([best_s, logits], 1), torch.cat([best_n, chunk], 1), k
                 )
-                calls[0] += 1
-                best_n = torch.full((batch, k), -1, dtype=torch.long, device=device)
-                best_s = torch.full((batch, k), -float("inf"), device=device)
-                for c0 in range(0, len(candidates), node_chunk):
-                    chunk = candidates[c0 : c0 + node_chunk].unsqueeze(0).expand(batch, -1)
-                    logits = model.score(state, tt.rows[chunk]).float()  # (B, N)
-                    calls[1] += 1
-                    if excluder is not None:
-                        logits = logits.masked_fill(excluder(chunk), -float("inf"))
-                    best_n, best_s = _topk_pad(
-                        torch.cat([best_s, logits], 1), torch.cat([best_n, chunk], 1), k
-                    )
-                scored[start:stop] = len(candidates)
-                if level is None:
-                    best_n = torch.where(best_n >= 0, tt.node_item[best_n.clamp(min=0)], -1)
-                ids[start:stop] = best_n.cpu().numpy()
-                scores[start:stop] = best_s.cpu().numpy()
-    finally:
-        model.train(was_training)
+            scored[start:stop] = len(candidates)
+            if level is None:
+                best_n = torch.where(best_n >= 0, tt.node_item[best_n.clamp(min=0)], -1)
+            ids[start:stop] = best_n.cpu().numpy()
+            scores[start:stop] = best_s.cpu().numpy()
     _fill_stats(stats, scored, *calls)
     return ids, scores
