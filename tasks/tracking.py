@@ -1,0 +1,225 @@
+"""Small MLflow helpers for the Prefect tasks and flows.
+
+Every helper takes the tracking URI and run id explicitly (``MlflowClient``), so logging does not
+depend on MLflow's thread-local active run, whichever thread Prefect runs a task in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "tdm-pipeline"
+PARENT_TAG = "mlflow.parentRunId"
+_BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch call
+
+
+def resolve_tracking_uri(root: str | Path, tracking_uri: str | None = None) -> str:
+    """The flow parameter, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db``."""
+    if tracking_uri:
+        return tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A run to log to: what a task needs, and nothing Prefect cannot serialise."""
+
+    tracking_uri: str
+    run_id: str
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+
+def experiment_id(tracking_uri: str, root: str | Path, name: str = EXPERIMENT) -> str:
+    """The experiment ``name``, created if missing; a local store keeps its artefacts under
+    ``<root>/mlartifacts`` rather than in the working directory."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith(("sqlite:", "file:")):
+        location = (Path(root).resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+@contextmanager
+def tracked_run(
+    tracking_uri: str,
+    name: str,
+    root: str | Path = ".",
+    parent: RunRef | None = None,
+    tags: dict[str, str] | None = None,
+) -> Iterator[RunRef]:
+    """Create a run (nested under ``parent`` when given) and end it FINISHED, or FAILED when the
+    body raises."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    all_tags = {"mlflow.runName": name, **(tags or {})}
+    if parent is not None:
+        all_tags[PARENT_TAG] = parent.run_id
+    run = client.create_run(experiment_id(tracking_uri, root), tags=all_tags, run_name=name)
+    ref = RunRef(tracking_uri, run.info.run_id)
+    try:
+        yield ref
+    except BaseException:
+        client.set_terminated(ref.run_id, status="FAILED")
+        raise
+    client.set_terminated(ref.run_id, status="FINISHED")
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def log_params(run: RunRef, params: dict[str, Any]) -> None:
+    """Log a nested mapping (e.g. ``cfg.to_dict()``) as dotted params."""
+    items = [Param(k, str(v)) for k, v in flatten(params).items()]
+    client = run.client
+    for start in range(0, len(items), _BATCH):
+        client.log_batch(run.run_id, params=items[start : start + _BATCH])
+
+
+def log_metrics(run: RunRef, metrics: dict[str, float], step: int = 0) -> None:
+    """Log finite numeric values in one batch."""
+    import time
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and float(v) == float(v)  # drops NaN
+    ]
+    if items:
+        run.client.log_batch(run.run_id, metrics=items)
+
+
+def metric_values(report: dict) -> dict[str, float]:
+    """The evaluation report as flat metrics: ``tdm.none.recall``,
+    ``most_popular.items.precision``, ``layerwise.beam.<level>``..."""
+    out: dict[str, float] = {}
+    for who in ("tdm", "most_popular"):
+        for mode, values in report.get(who, {}).items():
+            for name, value in values.items():
+                if isinstance(value, (int, float)):
+                    out[f"{who}.{mode}.{name}"] = value
+    layerwise = report.get("layerwise_recall") or {}
+    for kind in ("beam", "brute_force"):
+        for level, value in zip(layerwise.get("level", []), layerwise.get(kind, []), strict=False):
+            out[f"layerwise.{kind}.level_{level}"] = value
+    if "retrieval_seconds" in report:
+        out["retrieval_seconds"] = report["retrieval_seconds"]
+    return out
+
+
+def log_tree(
+    run: RunRef, tree_path: Path, stats: dict, previous_tree: Path | None = None
+) -> dict[str, float]:
+    """Tree figures as metrics (``tree.depth``, ``tree.n_nodes``, ``tree.purity.level_<j>``,
+    ``tree.moved_fraction`` vs ``previous_tree``), the level sizes as a JSON artefact and the tree
+    file itself under ``tree/``."""
+    from tdm.tree import Tree
+    from tdm.tree_build import moved_fraction
+
+    figures = {
+        f"tree.{k}": stats[k]
+        for k in ("depth", "n_nodes", "n_items", "mean_fanout", "min_leaf_depth", "max_leaf_depth")
+        if k in stats
+    }
+    for level, purity in enumerate(stats.get("category_purity", [])):
+        figures[f"tree.purity.level_{level}"] = purity
+    if previous_tree is not None and Path(previous_tree).exists():
+        figures["tree.moved_fraction"] = moved_fraction(
+            Tree.load(previous_tree), Tree.load(tree_path)
+        )
+    log_metrics(run, figures)
+    client = run.client
+    client.log_dict(run.run_id, stats, "tree/stats.json")
+    client.log_dict(run.run_id, {"level_sizes": stats.get("level_sizes", [])}, "tree/levels.json")
+    client.log_artifact(run.run_id, str(tree_path), "tree")
+    return figures
+
+
+def log_file(run: RunRef, path: Path, folder: str | None = None) -> None:
+    """Upload one file as a run artefact."""
+    run.client.log_artifact(run.run_id, str(path), folder)
+
+
+def source_tags(project_dir: str | Path) -> dict[str, str]:
+    """``git.commit`` (``git rev-parse HEAD``) and ``data.md5`` (from ``data.dvc``) when found."""
+    project_dir = Path(project_dir)
+    tags: dict[str, str] = {}
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=project_dir,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        if commit:
+            tags["git.commit"] = commit
+            tags["mlflow.source.git.commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    dvc_file = project_dir / "data.dvc"
+    if dvc_file.exists():
+        import yaml
+
+        try:
+            outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+            md5 = next((o.get("md5") for o in outs if o.get("md5")), None)
+        except yaml.YAMLError:
+            md5 = None
+        if md5:
+            tags["data.md5"] = str(md5)
+    return tags
+
+
+def summary_markdown(summary: dict) -> str:
+    """The rounds' Precision/Recall@M per filter mode, TDM vs most-popular, plus the run ids."""
+    rows = summary["rounds"]
+    topk = summary.get("topk", "M")
+    modes = [k.split("/")[1] for k in rows[0] if k.startswith("tdm/") and k.endswith("/recall")]
+    head = ["round", "method"] + [f"{m} P@{topk} / R@{topk}" for m in modes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        for who, label in (("tdm", "TDM"), ("most_popular", "most-popular")):
+            cells = [
+                f"{100 * row[f'{who}/{m}/precision']:.2f}% / {100 * row[f'{who}/{m}/recall']:.2f}%"
+                for m in modes
+            ]
+            lines.append("| " + " | ".join([str(row["round"]), label, *cells]) + " |")
+    mlflow_info = summary.get("mlflow", {})
+    lines += [
+        "",
+        f"MLflow tracking URI: `{mlflow_info.get('tracking_uri', '')}`",
+        f"parent run: `{mlflow_info.get('parent_run_id', '')}`",
+    ]
+    for r, run_id in enumerate(mlflow_info.get("round_run_ids", [])):
+        lines.append(f"round {r} run: `{run_id}`")
+    return "\n".join(lines)
