@@ -1,4 +1,7 @@
 """Prefect flows that compose the tasks of ``tasks/`` into the alternating TDM rounds.
 
-Not written yet (issue "MLOps around the core"); ``tdm pipeline`` runs the same rounds today.
+- ``flows.pipeline.tdm_pipeline``: validate raw -> prepare -> init tree -> validate prepared ->
+  [train -> evaluate -> export -> relearn]* with one MLflow parent run and one nested run per
+  round, and a Prefect markdown artifact of the metrics.
+  ``python -m flows.pipeline --set key=value`` runs it.
 """

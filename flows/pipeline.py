@@ -25,15 +25,10 @@ from tasks.steps import (
     prepare_task,
     relearn_task,
     train_task,
+    validate_prepared_task,
+    validate_raw_task,
 )
 from tasks.tracking import resolve_tracking_uri, source_tags, summary_markdown, tracked_run
-
-
-def validation_hook(stage: str, cfg: object, root: str) -> None:
-    """Data-validation hook, called with ``stage="raw"`` before prepare and
-    ``stage="prepared"`` after it. Not wired yet: the lead connects it to the Great Expectations
-    suites of ``tasks.validation``. A failing validation should raise here to stop the flow."""
-    return None
 
 
 @flow(name="tdm-pipeline")
@@ -67,10 +62,10 @@ def tdm_pipeline(
             "parent_run_id": parent.run_id,
             "round_run_ids": [],
         }
-        validation_hook("raw", cfg, root)
+        validate_raw_task(cfg, root, run=parent)  # a failure stops the flow here
         prepared = prepare_task(cfg, root)
-        validation_hook("prepared", cfg, root)
         tree = init_tree_task(cfg, root, prepared, run=parent)
+        validate_prepared_task(cfg, root, tree, run=parent)  # ... or here, before training
         previous_tree: str | None = None
         model: str | None = None
         for r in range(cfg.rounds.count):

@@ -142,3 +142,62 @@ def relearn_task(cfg: Config, root: str, round_: int, embeddings: str) -> str:
 def log_config(run: RunRef, cfg: Config, **extra: object) -> None:
     """The whole config as dotted params (``train.lr``...), plus ``extra``."""
     log_params(run, {**cfg.to_dict(), **extra})
+
+
+# The UserBehavior data set's documented window (UTC+8 days 2017-11-25..2017-12-03), which the
+# synthetic generator's default timeline also covers.
+USERBEHAVIOR_WINDOW = (1511539200, 1511539200 + 9 * 86400)
+
+
+def expected_window(cfg: Config) -> tuple[int, int] | None:
+    """The timestamps a raw data set should lie in, when its source has a known window."""
+    if cfg.data.source == "userbehavior":
+        return USERBEHAVIOR_WINDOW
+    if cfg.data.source == "synthetic":
+        start = cfg.synthetic.start_timestamp
+        return start, start + cfg.synthetic.days * 86400
+    return None
+
+
+def _keep_report(report, root: str, name: str, run: RunRef | None) -> Path:
+    from tdm.tree import atomic_write_bytes
+
+    path = Path(root) / "reports" / f"validation_{name}.json"
+    atomic_write_bytes(path, report.to_json().encode())
+    if run is not None:
+        log_file(run, path, "validation")
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(
+        markdown=report.to_markdown(),
+        key=f"validation-{name.replace('_', '-')}",
+        description=f"Great Expectations: {name} data",
+    )
+    return path
+
+
+@task(name="validate-raw", cache_policy=NO_CACHE)
+def validate_raw_task(cfg: Config, root: str, run: RunRef | None = None) -> str:
+    """Great Expectations on the raw behaviour table; raises ValidationFailed (no retry)."""
+    from tasks.validation import require, validate_raw
+    from tdm.data.loaders import load_dataset
+
+    frame = load_dataset(cfg.data, cfg.synthetic)
+    report = validate_raw(frame, cfg.data.path or cfg.data.source, window=expected_window(cfg))
+    path = _keep_report(report, root, "raw", run)
+    require(report)
+    return str(path)
+
+
+@task(name="validate-prepared", cache_policy=NO_CACHE)
+def validate_prepared_task(cfg: Config, root: str, tree: str, run: RunRef | None = None) -> str:
+    """Great Expectations on the prepared samples against the initial tree, before training."""
+    from tasks.validation import require, validate_prepared
+    from tdm.data.protocol import load_prepared
+    from tdm.tree import Tree
+
+    paths = Paths(Path(root))
+    report = validate_prepared(load_prepared(paths.prepared), Tree.load(tree))
+    path = _keep_report(report, root, "prepared", run)
+    require(report)
+    return str(path)

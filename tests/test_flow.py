@@ -13,10 +13,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
-pytest.importorskip("prefect")
-pytest.importorskip("mlflow")
-
+import torch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
@@ -38,6 +35,7 @@ TINY = [
     "train.epochs=1",
     "train.batch_size=128",
     "train.progress=false",
+    "train.num_threads=1",  # 2-core machines: torch threads fight the Prefect server
     "sampler.total_negatives=20",
     "model.hidden=[16, 8]",
     "rounds.count=2",
@@ -54,9 +52,13 @@ def harness():
 def flow_run(harness, tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    state = tdm_pipeline(
-        params=PARAMS, overrides=TINY, root=str(root), tracking_uri=uri, return_state=True
-    )
+    threads = torch.get_num_threads()  # train.num_threads=1 is process-wide: give it back
+    try:
+        state = tdm_pipeline(
+            params=PARAMS, overrides=TINY, root=str(root), tracking_uri=uri, return_state=True
+        )
+    finally:
+        torch.set_num_threads(threads)
     return root, uri, state
 
 
@@ -72,6 +74,31 @@ def test_flow_completes_and_writes_cli_artefacts(flow_run):
         report = json.loads((root / f"metrics/round_{r}.json").read_text())
         assert summary["rounds"][r]["tdm/none/recall"] == report["tdm"]["none"]["recall"]
     assert not (root / "trees/round_2.tree").exists()  # no relearn after the last round
+    for name in ("raw", "prepared"):  # Great Expectations ran and its result is kept
+        assert json.loads((root / f"reports/validation_{name}.json").read_text())["success"]
+
+
+def test_failing_validation_stops_before_training(harness, tmp_path):
+    from tdm.config import SyntheticConfig
+    from tdm.data.synthetic import generate, write_userbehavior_csv
+
+    frame = generate(SyntheticConfig(n_users=200, n_items=150, n_categories=10))
+    broken = frame.iloc[list(range(len(frame))) + list(range(0, len(frame), 5))]  # 20% copies
+    path = write_userbehavior_csv(broken, tmp_path / "UserBehavior.csv")
+    overrides = [*TINY, "data.source=userbehavior", f"data.path={path}"]
+    state = tdm_pipeline(
+        params=PARAMS,
+        overrides=overrides,
+        root=str(tmp_path / "run"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        return_state=True,
+    )
+    assert state.is_failed()
+    report = json.loads((tmp_path / "run/reports/validation_raw.json").read_text())
+    assert not report["success"]
+    failed = [r for r in report["results"] if not r["success"]]
+    assert [r["expectation"] for r in failed] == ["expect_compound_columns_to_be_unique"]
+    assert not (tmp_path / "run/prepared").exists() and not (tmp_path / "run/models").exists()
 
 
 def test_flow_tracks_parent_and_round_runs(flow_run):
@@ -101,18 +128,20 @@ def test_flow_tracks_parent_and_round_runs(flow_run):
         history = client.get_metric_history(child.info.run_id, "loss")
         assert [m.step for m in history] == [0]  # train.epochs=1
         assert client.get_metric_history(child.info.run_id, "valid_recall")
+        r = child.data.params["round"]
         files = {f.path for f in client.list_artifacts(child.info.run_id, "tree")}
-        assert "tree/round_%s.tree" % child.data.params["round"] in files
+        assert f"tree/round_{r}.tree" in files
         assert "tree/levels.json" in files
         assert {f.path for f in client.list_artifacts(child.info.run_id, "metrics")} == {
-            "metrics/round_%s.json" % child.data.params["round"]
+            f"metrics/round_{r}.json"
         }
     round_1 = next(c for c in children if c.data.params["round"] == "1")
     assert 0.0 <= round_1.data.metrics["tree.moved_fraction"] <= 1.0
 
 
 def test_tasks_through_fn(tmp_path):
-    cfg = config_task.fn(PARAMS, TINY)
+    cfg = config_task.fn(PARAMS, TINY, rounds=1)
+    assert cfg.rounds.count == 1
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     prepared = prepare_task.fn(cfg, str(tmp_path))
     assert Path(prepared) == tmp_path / "prepared"
@@ -123,3 +152,20 @@ def test_tasks_through_fn(tmp_path):
     logged = MlflowClient(tracking_uri=uri).get_run(run.run_id)
     assert logged.info.status == "FINISHED"
     assert logged.data.metrics["tree.purity.level_0"] <= 1.0
+
+
+def test_flow_publishes_metrics_artifact(flow_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    summary = flow_run[2].result()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tdm-pipeline-metrics"]))
+        )
+    assert len(artifacts) == 1
+    markdown = artifacts[0].data
+    assert "| round | method |" in markdown and "most-popular" in markdown
+    assert summary["mlflow"]["parent_run_id"] in markdown
+    for run_id in summary["mlflow"]["round_run_ids"]:
+        assert run_id in markdown
