@@ -223,3 +223,55 @@ def summary_markdown(summary: dict) -> str:
     for r, run_id in enumerate(mlflow_info.get("round_run_ids", [])):
         lines.append(f"round {r} run: `{run_id}`")
     return "\n".join(lines)
+
+
+TREE_COLUMNS = (
+    ("tree.depth", "depth", "{:.0f}"),
+    ("tree.n_nodes", "nodes", "{:.0f}"),
+    ("tree.moved_fraction", "moved", "{:.3f}"),
+    ("tree.purity.level_3", "purity@3", "{:.3f}"),
+    ("tdm.none.precision", "P", "{:.2%}"),
+    ("tdm.none.recall", "R", "{:.2%}"),
+    ("tdm.items.recall", "R items", "{:.2%}"),
+    ("most_popular.none.recall", "R popular", "{:.2%}"),
+)
+
+
+def compare_trees(tracking_uri: str, run_id: str | None = None, n_runs: int = 1) -> str:
+    """A table of the rounds (trees) of pipeline runs from MLflow, newest runs first.
+
+    Args:
+        tracking_uri: the MLflow store.
+        run_id: a parent (pipeline) run; default the newest ``n_runs`` parent runs.
+        n_runs: how many parent runs when ``run_id`` is not given.
+    Returns:
+        The table as text, one row per (pipeline run, round).
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        raise ValueError(f"{tracking_uri}: no '{EXPERIMENT}' experiment (run the flow first)")
+    if run_id is not None:
+        parents = [client.get_run(run_id)]
+    else:
+        runs = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])
+        parents = [r for r in runs if PARENT_TAG not in r.data.tags][:n_runs]
+    head = ["run", "round"] + [label for _, label, _ in TREE_COLUMNS]
+    rows = []
+    for parent in parents:
+        children = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+        )
+        for child in sorted(children, key=lambda c: int(c.data.params.get("round", 0))):
+            metrics = child.data.metrics
+            cells = [
+                fmt.format(metrics[key]) if key in metrics else "-" for key, _, fmt in TREE_COLUMNS
+            ]
+            rows.append([parent.info.run_id[:8], child.data.params.get("round", "?"), *cells])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
+    lines = [
+        "  ".join(str(x).rjust(w) for x, w in zip(r, widths, strict=True)) for r in [head, *rows]
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

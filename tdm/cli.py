@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--keep-seen", action="store_true", help="allow items of the history")
     add("pipeline", "prepare, init tree, then train/evaluate/export/relearn for every round")
+    p = add("compare-trees", "the rounds (trees) of pipeline runs side by side, from MLflow")
+    p.add_argument("--tracking-uri", help="MLflow store (default sqlite:///<root>/mlflow.db)")
+    p.add_argument("--run", help="a pipeline (parent) run id; default the newest runs")
+    p.add_argument("-n", type=int, default=1, help="how many of the newest pipeline runs")
     p = add("generate", "write the synthetic data set as a UserBehavior.csv file")
     p.add_argument("--out", required=True)
     return parser
@@ -129,6 +133,11 @@ def run(argv: list[str] | None = None) -> int:
     from tdm import stages  # heavy imports (torch) only once the arguments are valid
 
     cmd = args.command
+    if cmd == "compare-trees":  # reaches MLflow, lazily: the only door from tdm/ to tasks/
+        from tasks.tracking import compare_trees, resolve_tracking_uri
+
+        print(compare_trees(resolve_tracking_uri(args.root, args.tracking_uri), args.run, args.n))
+        return 0
     cfg = None if cmd == "recommend" else load_config(args.params, args.overrides)
     paths = Paths(Path(args.root))
     r = getattr(args, "round", 0)

@@ -169,3 +169,16 @@ def test_flow_publishes_metrics_artifact(flow_run):
     assert summary["mlflow"]["parent_run_id"] in markdown
     for run_id in summary["mlflow"]["round_run_ids"]:
         assert run_id in markdown
+
+
+def test_compare_trees_lists_every_round(flow_run, capsys):
+    from tdm.cli import run
+
+    root, uri, state = flow_run
+    assert run(["compare-trees", "--root", str(root), "--tracking-uri", uri]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["run", "round", "depth", "nodes"]
+    rows = [line.split() for line in table[2:]]
+    parent = state.result()["mlflow"]["parent_run_id"][:8]
+    assert [r[:2] for r in rows] == [[parent, "0"], [parent, "1"]]
+    assert rows[0][4] == "-" and 0.0 <= float(rows[1][4]) <= 1.0  # moved fraction from round 1
