@@ -13,7 +13,13 @@ SET ?=
 DATA := data/synthetic/UserBehavior.csv
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup data pipeline repro test test-all lint clean
+# Quiet, offline Prefect and MLflow, with their state inside the project.
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
+
+.PHONY: setup data pipeline repro flow mlflow-ui prefect-ui test test-all lint clean
 
 setup: $(STAMP)
 
@@ -38,6 +44,16 @@ pipeline: $(STAMP) $(DATA)
 # The same DAG through DVC (dvc.yaml): cached, re-runs only what changed.
 repro: $(STAMP) $(DATA)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+# The same rounds as a Prefect flow (ephemeral API): GX gates, MLflow parent + round runs.
+flow: $(STAMP) $(DATA)
+	$(PY) -m flows.pipeline --params $(PARAMS) $(SET)
+
+mlflow-ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+prefect-ui: $(STAMP)
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
