@@ -19,7 +19,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: setup data pipeline repro flow mlflow-ui prefect-ui test test-all lint clean
+.PHONY: setup data pipeline repro flow serve mlflow-ui prefect-ui test test-all lint clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ repro: $(STAMP) $(DATA)
 # The same rounds as a Prefect flow (ephemeral API): GX gates, MLflow parent + round runs.
 flow: $(STAMP) $(DATA)
 	$(PY) -m flows.pipeline --params $(PARAMS) $(SET)
+
+# With `make prefect-ui` running in another terminal: the flow as deployment tdm-pipeline/tdm,
+# started from the UI (Deployments -> tdm -> Run) with editable parameters.
+serve: $(STAMP) $(DATA)
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(PY) -m flows.serve --name tdm --params $(PARAMS)
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 --workers 1

@@ -1,0 +1,32 @@
+"""Serve the pipeline flow as a deployment, so a person can start it from the Prefect UI.
+
+With a Prefect server running (``make prefect-ui``) and ``PREFECT_API_URL`` pointing at it:
+
+    python -m flows.serve --name tdm
+
+registers the deployment ``tdm-pipeline/tdm`` and runs the flow runs the UI (Deployments -> Run,
+with editable parameters) or ``prefect deployment run 'tdm-pipeline/tdm' --watch`` create.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from flows.pipeline import tdm_pipeline
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve the TDM pipeline flow as a deployment.")
+    parser.add_argument("--name", default="tdm", help="deployment name")
+    parser.add_argument("--params", default="params.yaml", help="default params file")
+    parser.add_argument("--root", default=".", help="default artefact folder")
+    args = parser.parse_args(argv)
+    tdm_pipeline.serve(
+        name=args.name,
+        parameters={"params": args.params, "root": args.root},
+        description="TDM rounds: GX validation, prepare, tree init, train/evaluate/relearn.",
+    )
+
+
+if __name__ == "__main__":
+    main()
