@@ -11,25 +11,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tiny import TINY as BASE_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = [
-    "data.source=synthetic",
-    "synthetic.n_users=300",
-    "synthetic.n_items=200",
-    "synthetic.n_categories=12",
-    "synthetic.behaviors_per_user=25",
-    "data.n_test_users=40",
-    "data.n_valid_users=30",
-    "data.max_history=15",
-    "train.epochs=1",
-    "train.progress=false",
-    "train.num_threads=1",
-    "sampler.total_negatives=20",
-    "model.hidden=[16, 8]",
-    "rounds.count=1",
-]
+TINY = BASE_TINY + ["rounds.count=1"]
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from tiny import TINY  # noqa: E402
 
 from flows.pipeline import tdm_pipeline  # noqa: E402
 from tasks.steps import config_task, init_tree_task, prepare_task  # noqa: E402
@@ -23,23 +24,6 @@ from tasks.tracking import PARENT_TAG, tracked_run  # noqa: E402
 from tdm.tree import Tree  # noqa: E402
 
 PARAMS = str(Path(__file__).resolve().parents[1] / "params.yaml")
-TINY = [
-    "data.source=synthetic",
-    "synthetic.n_users=300",
-    "synthetic.n_items=200",
-    "synthetic.n_categories=12",
-    "synthetic.behaviors_per_user=25",
-    "data.n_test_users=40",
-    "data.n_valid_users=30",
-    "data.max_history=15",
-    "train.epochs=1",
-    "train.batch_size=128",
-    "train.progress=false",
-    "train.num_threads=1",  # 2-core machines: torch threads fight the Prefect server
-    "sampler.total_negatives=20",
-    "model.hidden=[16, 8]",
-    "rounds.count=2",
-]
 
 
 @pytest.fixture(scope="module")
