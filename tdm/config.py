@@ -85,6 +85,8 @@ class TrainConfig:
     num_threads: int = 0
     seed: int = 0
     max_samples_per_epoch: int = 0
+    max_samples_per_user: int = 0
+    history_dropout: float = 0.0
     bucket_by_length: bool = True
     with_eval_history: bool = False
     select_best: bool = True
@@ -255,3 +257,5 @@ def validate(cfg: Config) -> None:
     for section, key, low in positive:
         if getattr(getattr(cfg, section), key) < low:
             raise ConfigError(f"{section}.{key}: must be >= {low}")
+    if not 0.0 <= cfg.train.history_dropout < 1.0:
+        raise ConfigError("train.history_dropout: must be in [0, 1)")

@@ -281,7 +281,8 @@ class TrainSamples:
         self.positions = training_positions(self.split, min_history)
         self.n_samples = len(self.positions)
         offsets = self.split.offsets
-        starts = offsets[:-1][np.searchsorted(offsets, self.positions, side="right") - 1]
+        self.users = np.searchsorted(offsets, self.positions, side="right") - 1  # (n_samples,)
+        starts = offsets[:-1][self.users]
         self.lengths = np.minimum(self.positions - starts, max_history)  # (n_samples,)
 
     def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

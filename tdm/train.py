@@ -5,7 +5,9 @@ The trainer knows nothing about the data module: it takes a *sample source*, any
 - ``n_samples: int``, the number of training samples;
 - ``batch(positions: np.ndarray) -> (hist, windows, targets)``: ``hist`` (B, L) int64 item indices
   (= embedding rows) left-padded with -1, ``windows`` (B, L) int64 time windows (-1 on padding),
-  ``targets`` (B,) int64 target item ids.
+  ``targets`` (B,) int64 target item ids;
+- optionally ``lengths`` (n_samples,) history lengths (for ``train.bucket_by_length``) and
+  ``users`` (n_samples,) the user of every sample (for ``train.max_samples_per_user``).
 
 Every epoch draws a permutation of the sample positions from ``(train.seed, epoch)`` and reseeds
 the sampler from ``(sampler seed, train.seed, epoch)``, so a run resumed from ``last.pt`` ends with
@@ -160,18 +162,50 @@ def bucket_by_length(
     return np.concatenate(out) if out else order
 
 
+def cap_per_user(order: np.ndarray, sample_users: np.ndarray, cap: int) -> np.ndarray:
+    """Keep at most ``cap`` samples of every user: the first ones in ``order``.
+
+    With ``order`` a fresh permutation every epoch, every user contributes a random subset of at
+    most ``cap`` samples, so a few very active users do not dominate the loss (the fixed number
+    of examples per user of Covington et al., 2016).
+
+    Args:
+        order: (n,) sample indices in visiting order.
+        sample_users: (n_samples,) user of every sample.
+        cap: samples kept per user.
+    Returns:
+        The kept indices, in their original order.
+    """
+    users = sample_users[order]  # (n,)
+    by_user = np.argsort(users, kind="stable")
+    sorted_users = users[by_user]
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[by_user] = np.arange(len(order)) - np.searchsorted(sorted_users, sorted_users)
+    return order[rank < cap]
+
+
 def _batches(
-    sample_source: SampleSource, sampler: LayerwiseSampler, order: np.ndarray, batch_size: int
+    sample_source: SampleSource,
+    sampler: LayerwiseSampler,
+    order: np.ndarray,
+    batch_size: int,
+    history_dropout: float = 0.0,
+    rng: np.random.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """CPU tensors ``(hist, windows, nodes, labels, mask)`` for consecutive slices of ``order``.
 
-    A last slice of a single sample joins the one before it (BatchNorm needs two rows).
+    A last slice of a single sample joins the one before it (BatchNorm needs two rows). With
+    ``history_dropout`` > 0 each behaviour is hidden (set to padding) with that chance, drawn
+    from ``rng``.
     """
     bounds = list(range(0, len(order), batch_size)) + [len(order)]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
         del bounds[-2]
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):
         hist, windows, targets = sample_source.batch(order[s:e])
+        if history_dropout > 0:
+            hidden = (hist >= 0) & (rng.random(hist.shape) < history_dropout)  # (B, L)
+            hist, windows = np.where(hidden, -1, hist), np.where(hidden, -1, windows)
         nodes, labels, mask = sampler.sample(targets)  # Sec. 3.3
         yield tuple(
             torch.from_numpy(np.ascontiguousarray(a)) for a in (hist, windows, nodes, labels, mask)
@@ -316,6 +350,8 @@ def train(
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        if cfg.max_samples_per_user > 0:
+            order = cap_per_user(order, np.asarray(sample_source.users), cfg.max_samples_per_user)
         if cfg.max_samples_per_epoch > 0:
             order = order[: cfg.max_samples_per_epoch]
         lengths = getattr(sample_source, "lengths", None)
@@ -335,7 +371,14 @@ def train(
             disable=not cfg.progress,
             leave=False,
         )
-        batches = _batches(sample_source, sampler, order, cfg.batch_size)
+        batches = _batches(
+            sample_source,
+            sampler,
+            order,
+            cfg.batch_size,
+            cfg.history_dropout,
+            np.random.default_rng([cfg.seed, epoch, 2]),
+        )
         if dev.type != "cpu":  # overlap sampling with the device; on CPU it would steal a core
             batches = _prefetch(batches)
         for hist, windows, nodes, labels, mask in batches:

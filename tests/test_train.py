@@ -10,7 +10,9 @@ from tdm.config import Config, ModelConfig, TrainConfig
 from tdm.model import build_model
 from tdm.sampler import LayerwiseSampler, negatives_for_levels
 from tdm.train import (
+    _batches,
     _prefetch,
+    cap_per_user,
     load_checkpoint,
     masked_bce,
     read_checkpoint,
@@ -195,6 +197,34 @@ def test_max_samples_per_epoch_caps_the_epoch(tree):
         model, tree, ClusterSamples(500, 3), sampler, config(epochs=1, max_samples_per_epoch=129)
     )
     assert result.stats[0]["samples"] == 129
+
+
+def test_cap_per_user_keeps_the_first_samples_of_each_user_in_order():
+    users = np.array([0, 0, 0, 1, 2, 2, 2, 2])  # user of samples 0..7
+    order = np.array([7, 1, 4, 0, 3, 2, 6, 5])
+    kept = cap_per_user(order, users, 2)
+    np.testing.assert_array_equal(kept, [7, 1, 4, 0, 3])  # 2 of user 0, 1 of user 1, 2 of user 2
+    assert len(cap_per_user(order, users, 10)) == len(order)
+
+
+def test_max_samples_per_user_caps_every_user_per_epoch(tree):
+    source = ClusterSamples(500, 3)
+    source.users = np.arange(500) % 20  # 25 samples per user
+    model, sampler = make(tree, "product_dnn")
+    result = train(model, tree, source, sampler, config(epochs=2, max_samples_per_user=5))
+    assert [s["samples"] for s in result.stats] == [100, 100]
+
+
+def test_history_dropout_hides_behaviours_but_never_padding_or_targets(tree):
+    source = ClusterSamples(256, 3)
+    _, sampler = make(tree)
+    order = np.arange(256)
+    plain = next(_batches(source, sampler, order, 256))
+    dropped = next(_batches(source, sampler, order, 256, 0.5, np.random.default_rng(0)))
+    hist, windows = plain[0].numpy(), dropped[0].numpy()
+    hidden = (hist >= 0) & (windows < 0)
+    assert 0.4 < hidden.sum() / (hist >= 0).sum() < 0.6
+    assert np.all(windows[~hidden] == hist[~hidden]) and np.all(dropped[1].numpy()[hidden] == -1)
 
 
 def test_masked_bce_is_the_mean_over_valid_pairs():
