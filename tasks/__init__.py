@@ -10,4 +10,9 @@
   tracking URI and run id, never MLflow's thread-local active run.
 - ``tasks.validation``: the expectation suites, kept as code, for the raw behaviour table and the
   prepared samples, with readable reports (which expectation, column, offending rows).
+- ``tasks.plot_data``: the CSV series of ``dvc plots`` (loss per epoch, layer-wise recall, recall
+  per round), written by the DVC stages ``plot_data@<r>``/``plot_summary`` and by the flow.
+- ``tasks.figures``: the PNGs of a round run (loss curve, layer-wise recall, tree balance).
+- ``tasks.pyfunc``: a trained model folder as an MLflow pyfunc model that loads back.
+- ``tasks.versioning``: ``dvc commit`` of a flow run's outputs and the hashes dvc.lock lists.
 """

@@ -13,7 +13,15 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.tracking import RunRef, log_file, log_metrics, log_params, log_tree, metric_values
+from tasks.tracking import (
+    RunRef,
+    log_figure,
+    log_file,
+    log_metrics,
+    log_params,
+    log_tree,
+    metric_values,
+)
 from tdm import stages
 from tdm.config import Config, load_config
 from tdm.paths import Paths
@@ -57,7 +65,8 @@ def train_task(
 ) -> str:
     """Train on ``tree`` -> ``<root>/models/round_<r>`` (``tdm.stages.train``; the GPU step,
     ``train.device: auto`` picks CUDA when present). Per-epoch ``loss`` and ``valid_recall`` go
-    to ``run`` with ``step=epoch``. Returns the model folder."""
+    to ``run`` with ``step=epoch``; then the loss curve (PNG) and the model as an MLflow pyfunc
+    model that loads back (``tasks.pyfunc``). Returns the model folder."""
     out = Paths(Path(root)).model(round_)
 
     def on_epoch(epoch: int, stats: dict) -> None:
@@ -87,6 +96,10 @@ def train_task(
         )
         run.client.set_tag(run.run_id, "train.device_used", summary["device"])
         log_file(run, out / stages.TRAIN_LOG_FILE, "model")
+        from tasks import figures, pyfunc
+
+        log_figure(run, figures.loss_curve, summary, "loss.png", title=f"round {round_}")
+        pyfunc.log(run, out, "recommender")
     return str(out)
 
 
@@ -101,7 +114,8 @@ def evaluate_task(
 ) -> dict:
     """Metrics -> ``<root>/metrics/round_<r>.json`` (``tdm.stages.evaluate``). Logs every
     ``<method>.<filter>.<metric>``, the tree figures (with the moved fraction vs
-    ``previous_tree``), the tree file and the metrics file. Returns the headline row."""
+    ``previous_tree``), the tree file, the metrics file and PNGs of the layer-wise recall and the
+    tree's balance. Returns the headline row."""
     paths = Paths(Path(root))
     out = paths.metrics(round_)
     report = stages.evaluate(cfg, paths.prepared, Path(model_dir), out)
@@ -114,6 +128,24 @@ def evaluate_task(
             Path(previous_tree) if previous_tree else None,
         )
         log_file(run, out, "metrics")
+        from tasks import figures
+        from tdm.tree import Tree
+
+        if report.get("layerwise_recall"):
+            log_figure(
+                run,
+                figures.layerwise_recall,
+                report["layerwise_recall"],
+                "layerwise_recall.png",
+                title=f"round {round_}: layer-wise recall",
+            )
+        log_figure(
+            run,
+            figures.tree_balance,
+            Tree.load(paths.tree(round_)),
+            "tree_balance.png",
+            title=f"round {round_}: tree",
+        )
     row: dict = {"round": round_}
     for who in ("tdm", "most_popular"):
         for mode, values in report[who].items():
@@ -137,6 +169,43 @@ def relearn_task(cfg: Config, root: str, round_: int, embeddings: str) -> str:
     out = Paths(Path(root)).tree(round_ + 1)
     stages.relearn_tree(cfg, Path(embeddings), out)
     return str(out)
+
+
+@task(name="plot-data", task_run_name="plot-data-round-{round_}", cache_policy=NO_CACHE)
+def plot_data_task(root: str, round_: int) -> list[str]:
+    """Round ``r``'s loss and layer-wise recall as CSV under ``<root>/plots/`` (what the DVC
+    stage ``plot_data@<r>`` writes, ``tasks.plot_data.write_round``)."""
+    from tasks.plot_data import write_round
+
+    return [str(p) for p in write_round(root, round_)]
+
+
+@task(name="plot-summary", cache_policy=NO_CACHE)
+def plot_summary_task(root: str, rounds: int) -> str:
+    """``<root>/plots/rounds.csv``: the recall of every round (DVC stage ``plot_summary``)."""
+    from tasks.plot_data import write_summary
+
+    return str(write_summary(root, rounds))
+
+
+@task(name="dvc-commit", cache_policy=NO_CACHE)
+def dvc_record_task(cfg: Config, params: str, root: str) -> dict:
+    """Record the run's outputs in DVC (``dvc commit``) when ``root`` is a DVC project and the run
+    used its ``params.yaml`` unchanged (``tasks.versioning.record``). Returns the record as a
+    dict: ``recorded``, ``reason``, ``lock_md5``, ``outs`` (path -> md5)."""
+    import dataclasses
+
+    from prefect.logging import get_run_logger
+
+    from tasks.versioning import record
+
+    result = record(cfg, params, root)
+    logger = get_run_logger()
+    if result.recorded:
+        logger.info("recorded in DVC: dvc.lock md5 %s (`dvc push` ships it)", result.lock_md5)
+    else:
+        logger.warning("not recorded in DVC: %s", result.reason)
+    return dataclasses.asdict(result)
 
 
 def log_config(run: RunRef, cfg: Config, **extra: object) -> None:
