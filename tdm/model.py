@@ -65,7 +65,7 @@ def select_state(state: State, index: torch.Tensor) -> State:
 
     Args:
         state: a tensor or a tuple of tensors, batch (user) dimension first.
-        index: (K,) int64 user positions or (B,) bool mask.
+        index: (K,) int64 user positions, (B,) bool mask or a slice.
     Returns:
         The same structure with every tensor indexed along its first dimension.
     """

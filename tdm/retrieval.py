@@ -5,7 +5,10 @@ Conventions shared by ``beam_search`` and ``brute_force``:
 - ``hist``/``windows``: (U, L) int64 numpy arrays or tensors, as made by
   ``tdm.data.features.make_history`` (rows of the model's embedding table, -1 padding).
 - Users are processed in batches of ``batch_size``; ``model.user_state`` runs once per batch, and
-  ``model.score`` once per level (beam search) or per chunk of nodes (brute force). The model is
+  ``model.score`` once per level (beam search) or per chunk of nodes (brute force). On the CPU a
+  level's scoring is split into calls of at most ``CPU_SCORE_PAIRS`` (user, node) pairs (whole
+  users each), so that the activations stay in cache; the state is sliced along its first
+  (user) dimension for that (``tdm.model.select_state``). The model is
   put in eval mode for the call (its mode is restored afterwards) and runs under
   ``torch.inference_mode`` on ``device`` (default: where the model's parameters are).
 - Results are numpy arrays on the host: ids (U, k) int64 padded with -1, scores (U, k) float32
@@ -30,9 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tdm.model import select_state
+
 __all__ = ["TreeTensors", "beam_search", "brute_force", "tree_tensors"]
 
 RANKINGS = ("node", "path")
+CPU_SCORE_PAIRS = 8192  # (user, node) pairs per ``model.score`` call on the CPU (cache-sized)
 
 
 # ----------------------------------------------------------------------------- tree on device
@@ -196,6 +202,23 @@ def _as_long(x: Any, start: int, stop: int, device: torch.device) -> torch.Tenso
     if isinstance(x, torch.Tensor):
         return x[start:stop].to(device=device, dtype=torch.long)
     return torch.as_tensor(np.asarray(x[start:stop], dtype=np.int64), device=device)
+
+
+def _score(model: torch.nn.Module, state: Any, node_rows: torch.Tensor, calls: list[int]):
+    """(B, N) float logits of ``model.score``, in cache-sized slices of users on the CPU."""
+    batch, width = node_rows.shape
+    step = batch
+    if node_rows.device.type == "cpu" and batch * width > CPU_SCORE_PAIRS:
+        step = max(1, CPU_SCORE_PAIRS // max(width, 1))
+    if step >= batch:
+        calls[1] += 1
+        return model.score(state, node_rows).float()  # (B, N)
+    parts = []
+    for s in range(0, batch, step):
+        e = min(s + step, batch)
+        parts.append(model.score(select_state(state, slice(s, e)), node_rows[s:e]).float())
+        calls[1] += 1
+    return torch.cat(parts)  # (B, N)
 
 
 def _topk_pad(
@@ -408,8 +431,7 @@ def _beam_batch(
         if queue.shape[1] == 0 or not bool(valid.any()):  # line 7: Q is empty
             break
         safe = queue.clamp(min=0)  # (B, C)
-        logits = model.score(state, tt.rows[safe]).float()  # (B, C) line 4
-        calls[1] += 1
+        logits = _score(model, state, tt.rows[safe], calls)  # (B, C) line 4
         scored += valid.sum(dim=1)
         rank = base + F.logsigmoid(logits) if path else logits  # (B, C) Sec. 5.4 for "path"
         rank = rank.masked_fill(~valid, -float("inf"))

@@ -301,3 +301,32 @@ def test_fully_excluded_subtrees_take_no_beam_slot():
     for u in range(n_users):
         masked[u, tree.item_to_leaf(items[u])] = -np.inf
     np.testing.assert_array_equal(got, expected_top(masked, tree, 2)[0])
+
+
+class TupleStateScorer(TableScorer):
+    """TableScorer whose state is a tuple (as AttentionDNN's), to exercise state slicing."""
+
+    def user_state(self, hist, windows):
+        user = super().user_state(hist, windows)
+        return user, user.float().unsqueeze(1)  # (B,), (B, 1)
+
+    def score(self, state, node_rows):
+        user, copy = state
+        assert torch.equal(user.float(), copy[:, 0])  # both sliced to the same users
+        return super().score(user, node_rows)
+
+
+@pytest.mark.parametrize("scorer", [TableScorer, TupleStateScorer])
+def test_cache_sized_score_chunks_change_nothing(scorer, monkeypatch):
+    tree = TREES["random_a"]()
+    n_users, k = 9, 5
+    values = max_heap(tree, n_users, seed=11)
+    want = beam_search(scorer(values, tree), tree, *inputs(n_users), k, ranking="path")
+    stats = {}
+    monkeypatch.setattr("tdm.retrieval.CPU_SCORE_PAIRS", 7)  # a few users per score call
+    got = beam_search(scorer(values, tree), tree, *inputs(n_users), k, ranking="path", stats=stats)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert stats["score_calls"] > tree.depth and stats["user_state_calls"] == 1
+    top = beam_search(scorer(values, tree), tree, *inputs(n_users), k)[0]
+    np.testing.assert_array_equal(top, expected_top(values, tree, k)[0])
