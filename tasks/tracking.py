@@ -66,14 +66,17 @@ def tracked_run(
     root: str | Path = ".",
     parent: RunRef | None = None,
     tags: dict[str, str] | None = None,
+    experiment: str = EXPERIMENT,
 ) -> Iterator[RunRef]:
-    """Create a run (nested under ``parent`` when given) and end it FINISHED, or FAILED when the
-    body raises."""
+    """Create a run in ``experiment`` (nested under ``parent`` when given) and end it FINISHED,
+    or FAILED when the body raises."""
     client = MlflowClient(tracking_uri=tracking_uri)
     all_tags = {"mlflow.runName": name, **(tags or {})}
     if parent is not None:
         all_tags[PARENT_TAG] = parent.run_id
-    run = client.create_run(experiment_id(tracking_uri, root), tags=all_tags, run_name=name)
+    run = client.create_run(
+        experiment_id(tracking_uri, root, experiment), tags=all_tags, run_name=name
+    )
     ref = RunRef(tracking_uri, run.info.run_id)
     try:
         yield ref
@@ -160,12 +163,55 @@ def log_tree(
     client.log_dict(run.run_id, stats, "tree/stats.json")
     client.log_dict(run.run_id, {"level_sizes": stats.get("level_sizes", [])}, "tree/levels.json")
     client.log_artifact(run.run_id, str(tree_path), "tree")
+    from tasks.versioning import file_md5
+
+    client.set_tag(run.run_id, "tree.md5", file_md5(tree_path))
     return figures
 
 
 def log_file(run: RunRef, path: Path, folder: str | None = None) -> None:
     """Upload one file as a run artefact."""
     run.client.log_artifact(run.run_id, str(path), folder)
+
+
+def log_figure(run: RunRef, draw, data: Any, name: str, folder: str = "plots", **kwargs) -> None:
+    """Draw ``draw(data, path, **kwargs)`` (a ``tasks.figures`` function) into a temporary PNG
+    and upload it as ``<folder>/<name>``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="tdm-figure-") as tmp:
+        run.client.log_artifact(run.run_id, str(draw(data, Path(tmp) / name, **kwargs)), folder)
+
+
+def tag_dvc_record(
+    parent: RunRef, round_runs: list[RunRef], record: dict, root: str | Path = "."
+) -> None:
+    """Tag the runs with the DVC revision of what they produced, so each tree, model and
+    embedding file can be checked out again with DVC: on the parent ``dvc.recorded``,
+    ``dvc.lock.md5`` (and ``dvc.lock`` itself as an artefact), ``dvc.prepared.md5``; on round
+    ``r``'s run ``dvc.tree.md5``, ``dvc.model.md5``, ``dvc.embeddings.md5`` as dvc.lock lists
+    them (the md5 is the file's name in the DVC cache and remote)."""
+    from tdm.paths import Paths
+
+    client = parent.client
+    client.set_tag(parent.run_id, "dvc.recorded", str(record["recorded"]).lower())
+    if not record["recorded"]:
+        client.set_tag(parent.run_id, "dvc.not_recorded_because", record["reason"][:5000])
+        return
+    outs = record["outs"]
+    client.set_tag(parent.run_id, "dvc.lock.md5", record["lock_md5"])
+    if "prepared" in outs:
+        client.set_tag(parent.run_id, "dvc.prepared.md5", outs["prepared"])
+    client.log_artifact(parent.run_id, str(Path(root) / "dvc.lock"), "dvc")
+    rel = Paths(Path("."))
+    for r, run in enumerate(round_runs):
+        for name, path in (
+            ("tree", rel.tree(r)),
+            ("model", rel.model(r)),
+            ("embeddings", rel.embeddings(r)),
+        ):
+            if path.as_posix() in outs:
+                client.set_tag(run.run_id, f"dvc.{name}.md5", outs[path.as_posix()])
 
 
 def source_tags(project_dir: str | Path) -> dict[str, str]:
@@ -222,7 +268,22 @@ def summary_markdown(summary: dict) -> str:
     ]
     for r, run_id in enumerate(mlflow_info.get("round_run_ids", [])):
         lines.append(f"round {r} run: `{run_id}`")
+    dvc = summary.get("dvc")
+    if dvc:
+        recorded = (
+            f"recorded, dvc.lock md5 `{dvc['lock_md5']}`"
+            if dvc["recorded"]
+            else f"not recorded ({dvc['reason']})"
+        )
+        lines += ["", f"DVC: {recorded}"]
     return "\n".join(lines)
+
+
+def format_summary(summary: dict) -> str:
+    """The rounds' Precision/Recall@M per filter mode as a plain-text table (``tdm pipeline``'s)."""
+    from tdm.cli import format_rounds
+
+    return format_rounds(summary, summary.get("topk", "M"))
 
 
 TREE_COLUMNS = (

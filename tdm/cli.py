@@ -8,8 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+# Before torch loads: OpenMP threads that spin while waiting slow everything down 5-20x when
+# another process shares the cores (measured, docs/PERFORMANCE.md). An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tdm.config import ConfigError, load_config
 from tdm.paths import Paths
@@ -76,6 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow store (default sqlite:///<root>/mlflow.db)")
     p.add_argument("--run", help="a pipeline (parent) run id; default the newest runs")
     p.add_argument("-n", type=int, default=1, help="how many of the newest pipeline runs")
+    p = add("benchmark", "the paper's tables: baselines and TDM variants over seeds (Sec. 5)")
+    p.add_argument("--dataset", help="name in the report (default: data.source)")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="data.seed values (which users are test)")
+    p.add_argument("--baselines", default="popular,itemcf,bpr,fm,youtube")
+    p.add_argument("--variants", default="attention_dnn,dnn,product_dnn,attention_dnn_hs")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the attention-DNN (Table 4)")
+    p.add_argument("--tune-mode", default="none", choices=["none", "items", "categories"])
+    p.add_argument("--out", help="report folder (default reports/<dataset>)")
+    p.add_argument("--work", help="scratch folder for models (default: a temporary folder)")
     p = add("generate", "write the synthetic data set as a UserBehavior.csv file")
     p.add_argument("--out", required=True)
     return parser
@@ -183,11 +197,46 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     elif cmd == "generate":
         result = stages.generate(cfg, Path(args.out))
+    elif cmd == "benchmark":
+        _benchmark(cfg, args)
+        return 0
     else:  # pragma: no cover - argparse rejects unknown commands
         raise AssertionError(cmd)
     if isinstance(result, dict):
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _benchmark(cfg, args: argparse.Namespace) -> None:
+    """``tdm benchmark``: results.json, tables.md and (with matplotlib) fig4.png."""
+    import tempfile
+
+    from tdm import benchmark
+
+    dataset = args.dataset or cfg.data.source
+    out = Path(args.out or Path(args.root) / "reports" / dataset)
+    with tempfile.TemporaryDirectory(prefix="tdm-benchmark-") as tmp:
+        result = benchmark.run(
+            cfg,
+            dataset,
+            Path(args.work or tmp),
+            [int(s) for s in args.seeds.split(",")],
+            [b for b in args.baselines.split(",") if b],
+            [v for v in args.variants.split(",") if v],
+            rounds=args.rounds,
+            tune_mode=args.tune_mode,
+        )
+    tables = benchmark.write_report(result, out)
+    fig4 = result["summary"]["fig4"]
+    if fig4:
+        from tasks.figures import layerwise_recall
+
+        try:  # matplotlib comes with the mlops extra; the tables do not need it
+            layerwise_recall(fig4, out / "fig4.png", f"{dataset}: TDM product-DNN, category tree")
+        except ImportError:
+            log.warning("matplotlib not installed: no fig4.png")
+    print(tables)
+    print(f"wrote {out}/results.json, tables.md")
 
 
 def main(argv: list[str] | None = None) -> None:
