@@ -1,4 +1,4 @@
-# Two front doors: `make pipeline` (set up on first use, run TDM on the default data) and
+# Two front doors: `make pipeline` (set up on first use, run the TDM flow on the default data) and
 # `make test`. Everything else is a building block.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,14 +12,20 @@ PARAMS ?= params.yaml
 SET ?=
 DATA := data/synthetic/UserBehavior.csv
 export DVC_NO_ANALYTICS := 1
+# torch's OpenMP threads sleep instead of spinning while they wait: on shared cores spinning
+# threads slow every process down 5-20x (docs/PERFORMANCE.md).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 # Quiet, offline Prefect and MLflow, with their state inside the project.
 export PREFECT_HOME := $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# The in-process (ephemeral) API creates its SQLite database on the first run: allow for a slow,
+# busy machine (Prefect's default is 20 s).
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 export MLFLOW_DISABLE_TELEMETRY := true
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: setup data pipeline repro flow serve mlflow-ui prefect-ui test test-all lint clean
+.PHONY: setup data pipeline repro plots flow serve mlflow-ui prefect-ui test test-all lint clean
 
 setup: $(STAMP)
 
@@ -38,16 +44,22 @@ $(DATA): | $(STAMP)
 	$(VENV)/bin/tdm generate --params $(PARAMS) --out $@
 	$(VENV)/bin/dvc add -q data  # same bytes, same hash as data.dvc: this only fills the DVC cache
 
+# The rounds as a Prefect flow (ephemeral API; the runs show up later in `make prefect-ui`):
+# Great Expectations gates, MLflow parent + round runs, the outputs recorded in DVC (dvc.lock)
+# when run on params.yaml unchanged. Ends with the metrics table and how to open the UIs.
+# (`tdm pipeline` runs the same stage functions without Prefect, MLflow or DVC.)
 pipeline: $(STAMP) $(DATA)
-	$(VENV)/bin/tdm pipeline --params $(PARAMS) $(SET)
+	$(PY) -m flows.pipeline --params $(PARAMS) $(SET)
 
 # The same DAG through DVC (dvc.yaml): cached, re-runs only what changed.
 repro: $(STAMP) $(DATA)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
-# The same rounds as a Prefect flow (ephemeral API): GX gates, MLflow parent + round runs.
-flow: $(STAMP) $(DATA)
-	$(PY) -m flows.pipeline --params $(PARAMS) $(SET)
+flow: pipeline
+
+# `dvc plots show`: loss per epoch and layer-wise recall per round, recall per round, as HTML.
+plots: $(STAMP)
+	$(VENV)/bin/dvc plots show -o dvc_plots
 
 # With `make prefect-ui` running in another terminal: the flow as deployment tdm-pipeline/tdm,
 # started from the UI (Deployments -> tdm -> Run) with editable parameters.
@@ -66,9 +78,30 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
+# Benchmarks (docs/PERFORMANCE.md): tree building, beam search, training throughput and data
+# preparation on the CPU (2 threads), ~15 minutes at these sizes; results in benchmarks/results/.
+# bench-full: the issue's full sizes (4M-item trees, 4M leaves, 100M rows: needs ~11 GiB free).
+# bench-gpu: correctness on CUDA and benchmarks 2-3 on the GPU in one call (benchmarks/gpu.sh).
+.PHONY: bench bench-full bench-gpu
+
+bench: $(STAMP)
+	$(PY) benchmarks/tree_build.py
+	$(PY) benchmarks/beam_search.py
+	$(PY) benchmarks/training.py
+	$(PY) benchmarks/prepare_large.py
+
+bench-full: $(STAMP)
+	$(PY) benchmarks/tree_build.py --full
+	$(PY) benchmarks/beam_search.py --full
+	$(PY) benchmarks/training.py --full
+	$(PY) benchmarks/prepare_large.py --full
+
+bench-gpu:
+	benchmarks/gpu.sh
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tdm tasks flows tests benchmarks
 	$(VENV)/bin/ruff format --check tdm tasks flows tests benchmarks
 
 clean:
-	rm -rf prepared trees models embeddings metrics runs
+	rm -rf prepared trees models embeddings metrics plots runs dvc_plots
