@@ -213,6 +213,7 @@ class _ActivationUnit(torch.autograd.Function):
         out_weight: torch.Tensor,  # (H,)
         out_bias: torch.Tensor,  # (1,)
         chunk: int,
+        pair_weights: torch.Tensor | None = None,  # (B, D, L*H) emb ⊙ A3, when precomputed
     ) -> torch.Tensor:
         B, N, _ = node.shape
         L = emb.shape[1]
@@ -220,7 +221,9 @@ class _ActivationUnit(torch.autograd.Function):
         with torch.autocast(node.device.type, enabled=False):
             for s in range(0, B, chunk):
                 e = min(s + chunk, B)
-                _, x = _pre_activation(node, emb, pair, user_part, node_part, s, e)  # (c,N,L,H)
+                _, x = _pre_activation(
+                    node, emb, pair, user_part, node_part, s, e, pair_weights
+                )  # (c, N, L, H)
                 torch.matmul(F.prelu(x, slope), out_weight, out=out[s:e])  # (c, N, L)
             out += out_bias
         ctx.save_for_backward(node, emb, pair, user_part, node_part, slope, out_weight)
@@ -277,6 +280,7 @@ class _ActivationUnit(torch.autograd.Function):
             g_out_weight.to(out_weight.dtype),
             g_bias.to(node.dtype),
             None,
+            None,
         )
 
 
@@ -288,18 +292,29 @@ def _pre_activation(
     node_part: torch.Tensor,
     s: int,
     e: int,
+    pair_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair weights (c, D, L*H) and pre-activation (c, N, L, H) of users s..e-1.
 
-    See ``_ActivationUnit``; c = e - s.
+    See ``_ActivationUnit``; c = e - s. ``pair_weights``: all users' pair weights, when
+    precomputed (``pair_weights``), else built here.
     """
     c, N, L, H = e - s, node.shape[1], emb.shape[1], pair.shape[0]
-    pw = emb[s:e].transpose(1, 2).unsqueeze(-1) * pair.t().unsqueeze(1)  # (c, D, L, H)
-    pw = pw.view(c, -1, L * H)  # (c, D, L*H): emb ⊙ A3
+    if pair_weights is not None:
+        pw = pair_weights[s:e]
+    else:
+        pw = pair_weights_of(emb[s:e], pair)  # (c, D, L*H): emb ⊙ A3
     x = torch.bmm(node[s:e], pw).view(c, N, L, H)  # A3·(b*n)
     x += user_part[s:e].unsqueeze(1)  # (A1+A4)·b + bias
     x += node_part[s:e].unsqueeze(2)  # (A2-A4)·n
     return pw, x
+
+
+def pair_weights_of(emb: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+    """``emb ⊙ A3`` laid out for one batched matmul: (B, L, D), (H, D) -> (B, D, L*H)."""
+    B, L, D = emb.shape
+    pw = emb.transpose(1, 2).unsqueeze(-1) * pair.t().unsqueeze(1)  # (B, D, L, H)
+    return pw.view(B, D, L * pair.shape[0])
 
 
 class AttentionDNN(_Scorer):
@@ -316,7 +331,10 @@ class AttentionDNN(_Scorer):
 
     State: ``(emb (B, L, D), user_part (B, L, H), spread (B, L, W*D))``: behaviour embeddings,
     the per-user share of the activation unit's first layer, and the embeddings spread over their
-    time windows with the 1/count averaging factor (zero rows on padding).
+    time windows with the 1/count averaging factor (zero rows on padding). Without autograd
+    (retrieval, which scores every level against one state) the state also carries the pair
+    weights ``emb ⊙ A3`` (B, D, L*H), built once per user instead of once per ``score`` call
+    (D*L*H floats per user: 238 KB at L = 69); training builds them chunk by chunk instead.
     """
 
     def __init__(self, n_embeddings: int, cfg: ModelConfig, time_windows: int) -> None:
@@ -336,10 +354,13 @@ class AttentionDNN(_Scorer):
         user_part = emb @ (A1 + A4).t() + self.attention_in.bias  # (B, L, H)
         avg = window_weights(hist, windows, self.time_windows, emb.dtype)  # (B, L, W)
         spread = (avg.unsqueeze(-1) * emb.unsqueeze(2)).reshape(B, L, -1)  # (B, L, W*D)
-        return emb, user_part, spread
+        if torch.is_grad_enabled():
+            return emb, user_part, spread
+        return emb, user_part, spread, pair_weights_of(emb, A[:, 2 * D : 3 * D])
 
     def score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
-        emb, user_part, spread = state
+        emb, user_part, spread = state[:3]
+        pair_weights = state[3] if len(state) > 3 else None
         D = self.dim
         B, N = node_rows.shape
         L, H = user_part.shape[1], user_part.shape[2]
@@ -358,6 +379,7 @@ class AttentionDNN(_Scorer):
             self.attention_out.weight.view(-1).to(dtype),
             self.attention_out.bias.to(dtype),
             _chunk_users(node.device, N * L * H),
+            None if pair_weights is None else pair_weights.to(dtype),
         )  # (B, N, L) activation weights
         # Padding behaviours have zero rows in ``spread``, so their weights drop out.
         pooled = torch.bmm(weight, spread.to(weight.dtype))  # (B, N, W*D) window averages

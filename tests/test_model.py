@@ -127,6 +127,21 @@ def test_attention_split_equals_naive_concatenation(monkeypatch):
         )
 
 
+def test_attention_inference_state_carries_pair_weights_and_scores_the_same(monkeypatch):
+    model = randomised("attention_dnn")
+    hist, windows, nodes = make_inputs()
+    ref = naive_attention(model, hist, windows, nodes)
+    with torch.no_grad():
+        state = model.user_state(hist, windows)
+        assert len(state) == 4  # retrieval: pair weights built once per user
+        for chunk_elements in (1, 100, 1 << 21):
+            monkeypatch.setattr(model_mod, "CPU_CHUNK_ELEMENTS", chunk_elements)
+            torch.testing.assert_close(model.score(state, nodes), ref)
+        idx = torch.tensor([3, 0])
+        torch.testing.assert_close(model.score(select_state(state, idx), nodes[idx]), ref[idx])
+    assert len(model.user_state(hist, windows)) == 3  # training: built chunk by chunk
+
+
 def test_attention_split_gradients_equal_naive():
     model = randomised("attention_dnn")
     model.train()
