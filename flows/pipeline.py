@@ -34,6 +34,7 @@ from tasks.steps import (
     validate_raw_task,
 )
 from tasks.tracking import (
+    experiment_id,
     format_summary,
     resolve_tracking_uri,
     source_tags,
@@ -73,6 +74,7 @@ def tdm_pipeline(
         summary["mlflow"] = {
             "tracking_uri": uri,
             "parent_run_id": parent.run_id,
+            "experiment_id": experiment_id(uri, root),
             "round_run_ids": [],
         }
         validate_raw_task(cfg, root, run=parent)  # a failure stops the flow here

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT = "tdm-pipeline"
 PARENT_TAG = "mlflow.parentRunId"
+MLFLOW_UI = "http://127.0.0.1:5000"  # `make mlflow-ui`
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch call
 
 
@@ -263,11 +264,12 @@ def summary_markdown(summary: dict) -> str:
     mlflow_info = summary.get("mlflow", {})
     lines += [
         "",
-        f"MLflow tracking URI: `{mlflow_info.get('tracking_uri', '')}`",
-        f"parent run: `{mlflow_info.get('parent_run_id', '')}`",
+        f"MLflow tracking URI: `{mlflow_info.get('tracking_uri', '')}` "
+        f"(`make mlflow-ui`, then the links below)",
+        f"- parent run: {_run_link(mlflow_info, mlflow_info.get('parent_run_id', ''))}",
     ]
     for r, run_id in enumerate(mlflow_info.get("round_run_ids", [])):
-        lines.append(f"round {r} run: `{run_id}`")
+        lines.append(f"- round {r} run: {_run_link(mlflow_info, run_id)}")
     dvc = summary.get("dvc")
     if dvc:
         recorded = (
@@ -277,6 +279,14 @@ def summary_markdown(summary: dict) -> str:
         )
         lines += ["", f"DVC: {recorded}"]
     return "\n".join(lines)
+
+
+def _run_link(mlflow_info: dict, run_id: str) -> str:
+    """A markdown link to the run in the local MLflow UI (``make mlflow-ui``)."""
+    exp = mlflow_info.get("experiment_id")
+    if not exp:
+        return f"`{run_id}`"
+    return f"[`{run_id}`]({MLFLOW_UI}/#/experiments/{exp}/runs/{run_id})"
 
 
 def format_summary(summary: dict) -> str:

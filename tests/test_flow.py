@@ -342,4 +342,9 @@ def test_closing_text_has_the_table_and_the_ui_commands(flow_run):
     assert "make prefect-ui" in text and "http://127.0.0.1:4200" in text
     assert "make mlflow-ui" in text and "http://127.0.0.1:5000" in text
     assert "dvc push" in text
-    assert "DVC: recorded" in summary_markdown(flow_run[2].result())
+    summary = flow_run[2].result()
+    markdown = summary_markdown(summary)
+    assert "DVC: recorded" in markdown
+    exp = summary["mlflow"]["experiment_id"]
+    for run_id in [summary["mlflow"]["parent_run_id"], *summary["mlflow"]["round_run_ids"]]:
+        assert f"(http://127.0.0.1:5000/#/experiments/{exp}/runs/{run_id})" in markdown
