@@ -34,19 +34,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tdm.baselines import BASELINES, GRIDS, fit, tune  # noqa: E402
+from tdm.benchmark import BASELINE_LABELS as NAMES  # noqa: E402
+from tdm.benchmark import METRICS  # noqa: E402
 from tdm.config import load_config  # noqa: E402
 from tdm.data.loaders import load_dataset  # noqa: E402
 from tdm.data.protocol import load_prepared, prepare  # noqa: E402
 from tdm.evaluation import evaluate_split  # noqa: E402
 
-METRICS = ("precision", "recall", "f_measure", "novelty")
-NAMES = {
-    "popular": "most-popular",
-    "itemcf": "item-CF",
-    "bpr": "BPR-MF",
-    "fm": "FM",
-    "youtube": "YouTube product-DNN",
-}
 ANCHORS = {  # ../shared/ANCHORS.md: independent implementation, same protocol, mean of 5 seeds
     ("popular", "none"): (9.82, 4.91),
     ("popular", "items"): (14.38, 6.10),
