@@ -213,7 +213,6 @@ class _ActivationUnit(torch.autograd.Function):
         out_weight: torch.Tensor,  # (H,)
         out_bias: torch.Tensor,  # (1,)
         chunk: int,
-        pair_weights: torch.Tensor | None = None,  # (B, D, L*H) emb ⊙ A3, when precomputed
     ) -> torch.Tensor:
         B, N, _ = node.shape
         L = emb.shape[1]
@@ -221,9 +220,7 @@ class _ActivationUnit(torch.autograd.Function):
         with torch.autocast(node.device.type, enabled=False):
             for s in range(0, B, chunk):
                 e = min(s + chunk, B)
-                _, x = _pre_activation(
-                    node, emb, pair, user_part, node_part, s, e, pair_weights
-                )  # (c, N, L, H)
+                _, x = _pre_activation(node, emb, pair, user_part, node_part, s, e)  # (c,N,L,H)
                 torch.matmul(F.prelu(x, slope), out_weight, out=out[s:e])  # (c, N, L)
             out += out_bias
         ctx.save_for_backward(node, emb, pair, user_part, node_part, slope, out_weight)
@@ -280,7 +277,6 @@ class _ActivationUnit(torch.autograd.Function):
             g_out_weight.to(out_weight.dtype),
             g_bias.to(node.dtype),
             None,
-            None,
         )
 
 
@@ -292,18 +288,13 @@ def _pre_activation(
     node_part: torch.Tensor,
     s: int,
     e: int,
-    pair_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair weights (c, D, L*H) and pre-activation (c, N, L, H) of users s..e-1.
 
-    See ``_ActivationUnit``; c = e - s. ``pair_weights``: all users' pair weights, when
-    precomputed (``pair_weights``), else built here.
+    See ``_ActivationUnit``; c = e - s.
     """
     c, N, L, H = e - s, node.shape[1], emb.shape[1], pair.shape[0]
-    if pair_weights is not None:
-        pw = pair_weights[s:e]
-    else:
-        pw = pair_weights_of(emb[s:e], pair)  # (c, D, L*H): emb ⊙ A3
+    pw = pair_weights_of(emb[s:e], pair)  # (c, D, L*H): emb ⊙ A3
     x = torch.bmm(node[s:e], pw).view(c, N, L, H)  # A3·(b*n)
     x += user_part[s:e].unsqueeze(1)  # (A1+A4)·b + bias
     x += node_part[s:e].unsqueeze(2)  # (A2-A4)·n
@@ -315,6 +306,27 @@ def pair_weights_of(emb: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
     B, L, D = emb.shape
     pw = emb.transpose(1, 2).unsqueeze(-1) * pair.t().unsqueeze(1)  # (B, D, L, H)
     return pw.view(B, D, L * pair.shape[0])
+
+
+def _activation_inference(
+    node: torch.Tensor,  # (B, N, D+1) node embeddings with a column of ones
+    unit: torch.Tensor,  # (B, D+1, L*H) the whole first layer per user (``AttentionDNN``)
+    slope: torch.Tensor,  # (1,)
+    out_weight: torch.Tensor,  # (H,)
+    out_bias: torch.Tensor,  # (1,)
+    chunk: int,
+) -> torch.Tensor:
+    """(B, N, L) activation weights without autograd: one batched matmul per chunk of users
+    gives the whole pre-activation, then PReLU and the output layer."""
+    B, N, _ = node.shape
+    H = out_weight.shape[0]
+    L = unit.shape[2] // H
+    out = node.new_empty(B, N, L)
+    for s in range(0, B, chunk):
+        e = min(s + chunk, B)
+        x = torch.bmm(node[s:e], unit[s:e]).view(e - s, N, L, H)  # (c, N, L, H)
+        torch.matmul(F.prelu(x, slope), out_weight, out=out[s:e])  # (c, N, L)
+    return out.add_(out_bias)
 
 
 class AttentionDNN(_Scorer):
@@ -331,10 +343,14 @@ class AttentionDNN(_Scorer):
 
     State: ``(emb (B, L, D), user_part (B, L, H), spread (B, L, W*D))``: behaviour embeddings,
     the per-user share of the activation unit's first layer, and the embeddings spread over their
-    time windows with the 1/count averaging factor (zero rows on padding). Without autograd
-    (retrieval, which scores every level against one state) the state also carries the pair
-    weights ``emb ⊙ A3`` (B, D, L*H), built once per user instead of once per ``score`` call
-    (D*L*H floats per user: 238 KB at L = 69); training builds them chunk by chunk instead.
+    time windows with the 1/count averaging factor (zero rows on padding).
+
+    Without autograd (retrieval, which scores every level against one state) the state carries a
+    fourth tensor, the whole first layer of the unit per user, (B, D+1, L*H): rows 0..D-1 are
+    ``emb ⊙ A3 + (A2-A4)ᵀ`` and row D is the user part, so ``[n, 1] @ unit`` is the
+    pre-activation of every (behaviour, node) pair in one batched matmul. It is built once per
+    user instead of at every ``score`` call ((D+1)*L*H floats per user: 248 KB at L = 69).
+    Training builds the pair weights chunk by chunk and recomputes them in backward instead.
     """
 
     def __init__(self, n_embeddings: int, cfg: ModelConfig, time_windows: int) -> None:
@@ -356,31 +372,48 @@ class AttentionDNN(_Scorer):
         spread = (avg.unsqueeze(-1) * emb.unsqueeze(2)).reshape(B, L, -1)  # (B, L, W*D)
         if torch.is_grad_enabled():
             return emb, user_part, spread
-        return emb, user_part, spread, pair_weights_of(emb, A[:, 2 * D : 3 * D])
+        A2, A3 = A[:, D : 2 * D], A[:, 2 * D : 3 * D]
+        node_weights = (A2 - A4).t().repeat(1, L)  # (D, L*H): column l*H + h is (A2-A4)[h]
+        unit = torch.cat([pair_weights_of(emb, A3) + node_weights, user_part.view(B, 1, -1)], 1)
+        return emb, user_part, spread, unit  # unit: (B, D+1, L*H)
 
     def score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
         emb, user_part, spread = state[:3]
-        pair_weights = state[3] if len(state) > 3 else None
+        unit = state[3] if len(state) > 3 else None
         D = self.dim
         B, N = node_rows.shape
         L, H = user_part.shape[1], user_part.shape[2]
         node = self.embedding(_rows(node_rows))  # (B, N, D)
-        A = self.attention_in.weight  # (H, 4D)
-        A2, A3, A4 = A[:, D : 2 * D], A[:, 2 * D : 3 * D], A[:, 3 * D :]
-        node_part = node @ (A2 - A4).t()  # (B, N, H)
         dtype = _compute_dtype(node)
-        weight = _ActivationUnit.apply(
-            node.to(dtype),
-            emb.to(dtype),
-            A3.to(dtype),
-            user_part.to(dtype),
-            node_part.to(dtype),
-            self.attention_act.weight.to(dtype),
-            self.attention_out.weight.view(-1).to(dtype),
-            self.attention_out.bias.to(dtype),
-            _chunk_users(node.device, N * L * H),
-            None if pair_weights is None else pair_weights.to(dtype),
-        )  # (B, N, L) activation weights
+        slope = self.attention_act.weight.to(dtype)
+        out_weight = self.attention_out.weight.view(-1).to(dtype)
+        out_bias = self.attention_out.bias.to(dtype)
+        chunk = _chunk_users(node.device, N * L * H)
+        if unit is not None:  # retrieval: the unit's first layer is in the state
+            ones = node.new_ones(B, N, 1)
+            weight = _activation_inference(
+                torch.cat([node, ones], -1).to(dtype),
+                unit.to(dtype),
+                slope,
+                out_weight,
+                out_bias,
+                chunk,
+            )  # (B, N, L) activation weights
+        else:
+            A = self.attention_in.weight  # (H, 4D)
+            A2, A3, A4 = A[:, D : 2 * D], A[:, 2 * D : 3 * D], A[:, 3 * D :]
+            node_part = node @ (A2 - A4).t()  # (B, N, H)
+            weight = _ActivationUnit.apply(
+                node.to(dtype),
+                emb.to(dtype),
+                A3.to(dtype),
+                user_part.to(dtype),
+                node_part.to(dtype),
+                slope,
+                out_weight,
+                out_bias,
+                chunk,
+            )  # (B, N, L) activation weights
         # Padding behaviours have zero rows in ``spread``, so their weights drop out.
         pooled = torch.bmm(weight, spread.to(weight.dtype))  # (B, N, W*D) window averages
         h = self.head.first(torch.cat([pooled, node.to(pooled.dtype)], dim=-1))  # (B, N, H1)
