@@ -58,7 +58,7 @@ from tdm.data.synthetic import generate  # noqa: E402
 from tdm.model import build_model  # noqa: E402
 from tdm.sampler import LayerwiseSampler, negatives_for_levels  # noqa: E402
 from tdm.stages import TrainSamples  # noqa: E402
-from tdm.train import _batches, bucket_by_length, masked_bce, train  # noqa: E402
+from tdm.train import TrainStep, _batches, bucket_by_length, train  # noqa: E402
 from tdm.tree_build import category_tree  # noqa: E402
 
 MODELS = ("attention_dnn", "dnn", "product_dnn")
@@ -130,38 +130,20 @@ def device_batches(source, sampler, order, batch, n, node_rows, device) -> list[
     return out
 
 
-def make_step(model, device: str, amp: bool):
-    """One trainer step (tdm.train.train's loop body) on a batch already on the device."""
+def make_step(model, device: str, amp: bool) -> TrainStep:
+    """The trainer's own step (``tdm.train.TrainStep``) on a batch already on the device."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    dev = torch.device(device)
-    use_amp = amp and dev.type == "cuda"
-    amp_dtype = torch.bfloat16
-    if use_amp and not torch.cuda.is_bf16_supported():
-        amp_dtype = torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-
-    def step(batch: tuple) -> torch.Tensor:
-        hist, windows, rows, labels, mask = batch
-        with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-            logits = model(hist, windows, rows)  # (B, S)
-        loss = masked_bce(logits, labels, mask)  # Eq. 4
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss.detach()
-
-    return step
+    return TrainStep(model, optimizer, torch.device(device), amp)
 
 
 def time_step(step, batches, device, budget) -> dict:
-    step(batches[0])  # warm-up (allocations, Adam state)
+    step(*batches[0])  # warm-up (allocations, Adam state)
     sync(device)
     pairs = samples = n = 0
     start = time.perf_counter()
     while True:
         b = batches[n % len(batches)]
-        step(b)
+        step(*b)
         pairs += int(b[4].sum())
         samples += len(b[0])
         n += 1
@@ -232,7 +214,7 @@ def profile_step(step, batches, device) -> list[dict]:
         activities.append(ProfilerActivity.CUDA)
     with profile(activities=activities) as prof:
         for b in batches[:3]:
-            step(b)
+            step(*b)
         sync(device)
     return top_ops(prof)
 

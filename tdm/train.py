@@ -162,6 +162,41 @@ def bucket_by_length(
     return np.concatenate(out) if out else order
 
 
+class TrainStep:
+    """One optimisation step of Eq. 4 on a batch already on ``device``: forward (bfloat16
+    autocast on CUDA when ``amp``, float16 with a grad scaler where bfloat16 is missing), masked
+    BCE, backward, optimizer step. Returns the detached loss."""
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, amp: bool
+    ) -> None:
+        self.model, self.optimizer, self.device_type = model, optimizer, device.type
+        self.use_amp = amp and device.type == "cuda"
+        self.amp_dtype = torch.bfloat16
+        if self.use_amp and not torch.cuda.is_bf16_supported():
+            self.amp_dtype = torch.float16
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.use_amp and self.amp_dtype == torch.float16
+        )
+
+    def __call__(
+        self,
+        hist: torch.Tensor,  # (B, L)
+        windows: torch.Tensor,  # (B, L)
+        rows: torch.Tensor,  # (B, S) node embedding rows
+        labels: torch.Tensor,  # (B, S)
+        mask: torch.Tensor,  # (B, S)
+    ) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.use_amp):
+            logits = self.model(hist, windows, rows)  # (B, S)
+        loss = masked_bce(logits, labels, mask)  # Eq. 4
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+
 def cap_per_user(order: np.ndarray, sample_users: np.ndarray, cap: int) -> np.ndarray:
     """Keep at most ``cap`` samples of every user: the first ones in ``order``.
 
@@ -317,11 +352,8 @@ def train(
         torch.set_num_threads(cfg.num_threads)
     model.to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = cfg.amp and dev.type == "cuda"
-    amp_dtype = torch.bfloat16
-    if use_amp and not torch.cuda.is_bf16_supported():
-        amp_dtype = torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    step = TrainStep(model, optimizer, dev, cfg.amp)
+    scaler = step.scaler
     node_rows = torch.as_tensor(tree.embedding_rows(), dtype=torch.int64, device=dev)  # (n_nodes,)
     meta = _model_meta(model, model_config) if checkpoint_dir is not None else None
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -387,14 +419,7 @@ def train(
             rows = node_rows[nodes.to(dev, non_blocking=True)]  # (B, S)
             labels = labels.to(dev, non_blocking=True)  # (B, S)
             mask = mask.to(dev, non_blocking=True)  # (B, S)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(hist, windows, rows)  # (B, S)
-            loss = masked_bce(logits, labels, mask)  # Eq. 4
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach()
+            loss_sum += step(hist, windows, rows, labels, mask)
             n_pairs += mask.sum()
             n_batches += 1
             bar.update(len(hist))
