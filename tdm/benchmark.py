@@ -80,9 +80,14 @@ def run_seed(
 ) -> dict:
     """One seed: every baseline and every TDM variant on the test users of ``cfg.data.seed``.
 
+    Each method's result is kept in ``work`` with the settings it depends on (a baseline: the
+    data, synthetic and eval params and ``tune_mode``; a TDM variant: all params and its rounds)
+    and read back, not run again, by a later call with the same settings: changing ``train.lr``
+    re-runs the TDM variants only.
+
     Args:
         cfg: the data set's config (its ``data.seed`` picks the users).
-        work: a scratch folder for prepared data, trees and models.
+        work: a scratch folder for prepared data, trees, models and the kept results.
         baselines: keys of ``tdm.baselines.BASELINES``.
         variants: keys of :data:`VARIANTS`.
         rounds: rounds of the attention-DNN (Table 4); the other variants run two (initial and
@@ -90,61 +95,109 @@ def run_seed(
         tune_mode: filter mode of the validation metric the baselines are tuned on.
     Returns:
         ``{"baselines": {name: {"params", "grid", "test", "seconds"}},
-        "tdm": {variant: {"rounds": [report of round r], "seconds"}}}`` where a test report
-        maps filter mode -> metric -> value.
+        "tdm": {variant: {"rounds": [report of round r], "seconds"}}, "seconds"}`` where a test
+        report maps filter mode -> metric -> value and "seconds" is the compute time of all of
+        them (also of the kept ones).
     """
     from tdm import stages
+
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown TDM variants {unknown} (known: {', '.join(VARIANTS)})")
+    work = Path(work)
+    t0 = time.perf_counter()
+    stages.prepare(cfg, work / "prepared")
+    seconds = time.perf_counter() - t0
+    out: dict[str, Any] = {"baselines": {}, "tdm": {}}
+    params = dataclasses.asdict(cfg)
+    for name in baselines:
+        key = {
+            "method": name,
+            "tune_mode": tune_mode,
+            **{section: params[section] for section in ("data", "synthetic", "eval")},
+        }
+        out["baselines"][name] = _kept(
+            work / "baselines" / f"{name}.json",
+            key,
+            lambda name=name: _baseline(cfg, work / "prepared", name, tune_mode),
+        )
+    for name in variants:
+        n_rounds = rounds if name == "attention_dnn" else min(rounds, 2)
+        key = {"method": name, "rounds": n_rounds, "params": params}
+        out["tdm"][name] = _kept(
+            work / name / "result.json",
+            key,
+            lambda name=name, n=n_rounds: _variant(cfg, work / name, name, n),
+        )
+    for res in (*out["baselines"].values(), *out["tdm"].values()):
+        seconds += res["seconds"]
+    out["seconds"] = round(seconds, 1)
+    return out
+
+
+def _kept(path: Path, key: dict, compute) -> dict:
+    """``compute()``, kept in ``path`` with ``key``; read back when ``path`` holds the same key."""
+    key = json.loads(json.dumps(key))
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            log.info("reusing %s", path)
+            return kept["result"]
+    result = compute()
+    write_json(path, {"key": key, "result": result})
+    return result
+
+
+def _baseline(cfg: Config, prepared: Path, name: str, tune_mode: str) -> dict:
+    """A baseline tuned on the validation users, refitted and evaluated once on the test users."""
     from tdm.baselines import fit, tune
     from tdm.data.protocol import load_prepared
     from tdm.evaluation import evaluate_split
 
-    t_seed = time.perf_counter()
-    out: dict[str, Any] = {"baselines": {}, "tdm": {}}
-    prepared = work / "prepared"
-    stages.prepare(cfg, prepared)
+    t0 = time.perf_counter()
     data = load_prepared(prepared)
-    for name in baselines:
-        t0 = time.perf_counter()
-        best, table = tune(name, data, None, cfg.eval, seed=cfg.data.seed, mode=tune_mode)
-        model = fit(name, data, best, seed=cfg.data.seed)
-        test = evaluate_split(model.ranker(), data, data.test, cfg.eval)
-        out["baselines"][name] = {
-            "params": best,
-            "grid": table,
-            "test": test,
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        log.info("seed %d %s %s: %s", cfg.data.seed, name, best, _short(test))
-    for name in variants:
-        n_rounds = rounds if name == "attention_dnn" else min(rounds, 2)
-        layerwise = name in (FIG4_VARIANT, "attention_dnn")
-        vcfg = with_overrides(
-            cfg,
-            [
-                *VARIANTS[name],
-                f"rounds.count={n_rounds}",
-                "eval.split=test",
-                f"eval.layerwise={str(layerwise).lower()}",
-            ],
-        )
-        paths = Paths(work / name)
-        t0 = time.perf_counter()
-        stages.pipeline(vcfg, paths)
-        reports = [json.loads(paths.metrics(r).read_text()) for r in range(n_rounds)]
-        out["tdm"][name] = {
-            "rounds": [
-                {
-                    "test": rep["tdm"],
-                    "layerwise_recall": rep.get("layerwise_recall"),
-                    "tree": rep.get("tree"),
-                }
-                for rep in reports
-            ],
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        log.info("seed %d %s: %s", cfg.data.seed, name, [_short(r["tdm"]) for r in reports])
-    out["seconds"] = round(time.perf_counter() - t_seed, 1)
-    return out
+    best, table = tune(name, data, None, cfg.eval, seed=cfg.data.seed, mode=tune_mode)
+    model = fit(name, data, best, seed=cfg.data.seed)
+    test = evaluate_split(model.ranker(), data, data.test, cfg.eval)
+    log.info("seed %d %s %s: %s", cfg.data.seed, name, best, _short(test))
+    return {
+        "params": best,
+        "grid": table,
+        "test": test,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _variant(cfg: Config, folder: Path, name: str, n_rounds: int) -> dict:
+    """A TDM variant's alternating rounds, each evaluated once on the test users."""
+    from tdm import stages
+
+    layerwise = name in (FIG4_VARIANT, "attention_dnn")
+    vcfg = with_overrides(
+        cfg,
+        [
+            *VARIANTS[name],
+            f"rounds.count={n_rounds}",
+            "eval.split=test",
+            f"eval.layerwise={str(layerwise).lower()}",
+        ],
+    )
+    paths = Paths(folder)
+    t0 = time.perf_counter()
+    stages.pipeline(vcfg, paths)
+    reports = [json.loads(paths.metrics(r).read_text()) for r in range(n_rounds)]
+    log.info("seed %d %s: %s", cfg.data.seed, name, [_short(r["tdm"]) for r in reports])
+    return {
+        "rounds": [
+            {
+                "test": rep["tdm"],
+                "layerwise_recall": rep.get("layerwise_recall"),
+                "tree": rep.get("tree"),
+            }
+            for rep in reports
+        ],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def _short(report: dict) -> str:
@@ -283,28 +336,10 @@ def seed_result(
     rounds: int = 3,
     tune_mode: str = "none",
 ) -> dict:
-    """:func:`run_seed` for ``data.seed = seed``, kept in ``work/seed_<seed>/result.json``: a
-    seed finished by an earlier call with the same settings is read back, not run again."""
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown TDM variants {unknown} (known: {', '.join(VARIANTS)})")
+    """:func:`run_seed` for ``data.seed = seed`` in ``work/seed_<seed>`` (methods finished by an
+    earlier call with the same settings are read back from there)."""
     scfg = with_overrides(cfg, [f"data.seed={seed}"])
-    done = Path(work) / f"seed_{seed}" / "result.json"
-    key = {
-        "params": dataclasses.asdict(scfg),
-        "baselines": baselines,
-        "variants": variants,
-        "rounds": rounds,
-        "tune_mode": tune_mode,
-    }
-    if done.exists():
-        cached = json.loads(done.read_text())
-        if cached["key"] == json.loads(json.dumps(key)):
-            log.info("seed %d: reusing %s", seed, done)
-            return cached["result"]
-    result = run_seed(scfg, done.parent, baselines, variants, rounds, tune_mode)
-    write_json(done, {"key": key, "result": result})
-    return result
+    return run_seed(scfg, Path(work) / f"seed_{seed}", baselines, variants, rounds, tune_mode)
 
 
 def assemble(

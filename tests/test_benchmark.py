@@ -68,25 +68,40 @@ def test_tables_and_figure_are_written(report):
     assert len(fig4["beam"]) == len(fig4["level"]) and fig4["beam"][0] == pytest.approx(1.0)
 
 
-def test_finished_seeds_are_reused_only_with_the_same_settings(report, monkeypatch):
+def test_finished_methods_are_reused_only_with_the_settings_they_depend_on(report, monkeypatch):
     from tdm import benchmark
     from tdm.config import load_config
 
     cfg = load_config(ROOT / "params.yaml", TINY)
     work = report.parent / "work"
+    ran: list[str] = []
 
-    def no_training(*args, **kwargs):
-        raise AssertionError("a finished seed was run again")
+    def no_baseline(cfg, prepared, name, tune_mode):
+        ran.append(name)
+        raise AssertionError(f"{name} was run again")
 
-    monkeypatch.setattr(benchmark, "run_seed", no_training)
+    def no_variant(cfg, folder, name, n_rounds):
+        ran.append(name)
+        raise AssertionError(f"{name} was run again")
+
+    monkeypatch.setattr(benchmark, "_baseline", no_baseline)
+    monkeypatch.setattr(benchmark, "_variant", no_variant)
     again = benchmark.run(
         cfg, "x", work, [0, 1], ["popular", "itemcf"], ["attention_dnn", "product_dnn"], rounds=3
     )
     first = json.loads((report / "results.json").read_text())
-    assert again["summary"]["rows"]["itemcf"] == first["summary"]["rows"]["itemcf"]
-    assert again["compute_seconds"] == first["compute_seconds"] > 0
-    with pytest.raises(AssertionError, match="run again"):  # other settings: not reused
-        benchmark.run(cfg, "x", work, [0], ["popular"], ["product_dnn"], rounds=2)
+    assert again["summary"]["rows"] == first["summary"]["rows"] and ran == []
+    assert again["compute_seconds"] == pytest.approx(first["compute_seconds"], abs=1.0)
+    assert again["compute_seconds"] > 0
+    # the baselines do not depend on the training params; the TDM variants do
+    lr = load_config(ROOT / "params.yaml", [*TINY, "train.lr=0.02"])
+    with pytest.raises(AssertionError, match="product_dnn was run again"):
+        benchmark.run(lr, "x", work, [0], ["popular", "itemcf"], ["product_dnn"], rounds=3)
+    assert ran == ["product_dnn"]
+    with pytest.raises(AssertionError, match="product_dnn was run again"):  # other rounds
+        benchmark.run(cfg, "x", work, [0], ["popular"], ["product_dnn"], rounds=1)
+    with pytest.raises(AssertionError, match="popular was run again"):  # other test users
+        benchmark.run(cfg, "x", work, [2], ["popular"], [], rounds=1)
 
 
 def test_summarise_handles_a_single_seed():
