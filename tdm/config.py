@@ -78,7 +78,7 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = 2
     batch_size: int = 256
-    lr: float = 0.001
+    lr: float = 0.01
     weight_decay: float = 0.0
     device: str = "auto"
     amp: bool = True

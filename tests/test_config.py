@@ -48,13 +48,13 @@ def test_overrides_apply_with_yaml_types():
     cfg = load_config(
         ROOT / "params.yaml",
         [
-            "train.lr=0.01",
+            "train.lr=0.02",
             "model.hidden=[32, 16]",
             "data.path=/tmp/x",
             "sampler.negatives_per_level=null",
         ],
     )
-    assert cfg.train.lr == 0.01 and cfg.model.hidden == [32, 16]
+    assert cfg.train.lr == 0.02 and cfg.model.hidden == [32, 16]
     assert cfg.data.path == "/tmp/x" and cfg.sampler.negatives_per_level is None
 
 
