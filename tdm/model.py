@@ -311,22 +311,27 @@ def pair_weights_of(emb: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
 def _activation_inference(
     node: torch.Tensor,  # (B, N, D+1) node embeddings with a column of ones
     unit: torch.Tensor,  # (B, D+1, L*H) the whole first layer per user (``AttentionDNN``)
-    slope: torch.Tensor,  # (1,)
-    out_weight: torch.Tensor,  # (H,)
+    linear: torch.Tensor,  # (B, D+1, L) unit @ (a w): the linear share of PReLU + output layer
+    w_pos: torch.Tensor,  # (H,) (1 - a) w: the ReLU share
     out_bias: torch.Tensor,  # (1,)
     chunk: int,
 ) -> torch.Tensor:
     """(B, N, L) activation weights without autograd: one batched matmul per chunk of users
-    gives the whole pre-activation, then PReLU and the output layer."""
+    gives the whole pre-activation ``x``, then PReLU and the output layer.
+
+    ``prelu(x) = (1 - a) relu(x) + a x`` with slope ``a`` and ``x`` is linear in the node, so
+    ``prelu(x) @ w = relu(x) @ ((1 - a) w) + [n, 1] @ (unit @ (a w))``: the ReLU runs in place on
+    ``x`` and the linear share is a small matmul against ``linear`` (built once per user), never
+    a second (N, L, H) tensor."""
     B, N, _ = node.shape
-    H = out_weight.shape[0]
+    H = w_pos.shape[0]
     L = unit.shape[2] // H
-    out = node.new_empty(B, N, L)
+    out = torch.baddbmm(out_bias, node, linear)  # (B, N, L) bias + linear share
     for s in range(0, B, chunk):
         e = min(s + chunk, B)
         x = torch.bmm(node[s:e], unit[s:e]).view(e - s, N, L, H)  # (c, N, L, H)
-        torch.matmul(F.prelu(x, slope), out_weight, out=out[s:e])  # (c, N, L)
-    return out.add_(out_bias)
+        out[s:e] += x.relu_() @ w_pos
+    return out
 
 
 class AttentionDNN(_Scorer):
@@ -349,7 +354,9 @@ class AttentionDNN(_Scorer):
     fourth tensor, the whole first layer of the unit per user, (B, D+1, L*H): rows 0..D-1 are
     ``emb ⊙ A3 + (A2-A4)ᵀ`` and row D is the user part, so ``[n, 1] @ unit`` is the
     pre-activation of every (behaviour, node) pair in one batched matmul. It is built once per
-    user instead of at every ``score`` call ((D+1)*L*H floats per user: 248 KB at L = 69).
+    user instead of at every ``score`` call ((D+1)*L*H floats per user: 248 KB at L = 69), and a
+    fifth, ``linear = unit @ (a w)`` (B, D+1, L), the share of PReLU (slope ``a``) and output
+    layer ``w`` that is linear in the node (see ``_activation_inference``).
     Training builds the pair weights chunk by chunk and recomputes them in backward instead.
     """
 
@@ -375,11 +382,13 @@ class AttentionDNN(_Scorer):
         A2, A3 = A[:, D : 2 * D], A[:, 2 * D : 3 * D]
         node_weights = (A2 - A4).t().repeat(1, L)  # (D, L*H): column l*H + h is (A2-A4)[h]
         unit = torch.cat([pair_weights_of(emb, A3) + node_weights, user_part.view(B, 1, -1)], 1)
-        return emb, user_part, spread, unit  # unit: (B, D+1, L*H)
+        w_neg = self.attention_out.weight.view(-1) * self.attention_act.weight  # (H,)
+        linear = unit.view(B, D + 1, L, -1) @ w_neg  # (B, D+1, L)
+        return emb, user_part, spread, unit, linear
 
     def score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
         emb, user_part, spread = state[:3]
-        unit = state[3] if len(state) > 3 else None
+        unit = state[3] if len(state) > 3 else None  # with ``linear``: see ``user_state``
         D = self.dim
         B, N = node_rows.shape
         L, H = user_part.shape[1], user_part.shape[2]
@@ -394,8 +403,8 @@ class AttentionDNN(_Scorer):
             weight = _activation_inference(
                 torch.cat([node, ones], -1).to(dtype),
                 unit.to(dtype),
-                slope,
-                out_weight,
+                state[4].to(dtype),
+                out_weight * (1 - slope),
                 out_bias,
                 chunk,
             )  # (B, N, L) activation weights

@@ -133,7 +133,7 @@ def test_attention_inference_state_carries_pair_weights_and_scores_the_same(monk
     ref = naive_attention(model, hist, windows, nodes)
     with torch.no_grad():
         state = model.user_state(hist, windows)
-        assert len(state) == 4  # retrieval: pair weights built once per user
+        assert len(state) == 5  # retrieval: the unit and its linear share built once per user
         for chunk_elements in (1, 100, 1 << 21):
             monkeypatch.setattr(model_mod, "CPU_CHUNK_ELEMENTS", chunk_elements)
             torch.testing.assert_close(model.score(state, nodes), ref)
