@@ -72,6 +72,7 @@ class ModelConfig:
     embedding_dim: int = 24
     attention_hidden: int = 36
     hidden: list[int] = field(default_factory=lambda: [128, 64, 24])
+    node_bias: bool = False
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,12 @@ Built-ins
 - ``product_dnn`` (TDM product-DNN, Sec. 5.4): no attention, no node embedding in the input; the
   logit is the inner product of a user vector and the node embedding.
 
+With ``model.node_bias`` every built-in adds a learnt bias per node (a row per embedding row,
+zero at start) to its logit: a popularity prior the network does not have to learn through the
+node embedding, which helps on small data sets (docs/RESULTS.md). It stays a per-node term, so
+beam search and the max-heap reasoning are unchanged; ``warm_start`` gives a re-learnt tree's
+internal nodes the largest bias of their children.
+
 "Weighted average" per time window (Fig. 2) is implemented as the weighted sum of the window's
 behaviour embeddings divided by the number of behaviours in that window (not by the sum of the
 weights, which are unnormalised activation outputs and may be negative or near zero); an empty
@@ -124,6 +130,9 @@ class _Scorer(nn.Module):
         self.dim = cfg.embedding_dim
         self.embedding = nn.Embedding(n_embeddings, cfg.embedding_dim)
         nn.init.normal_(self.embedding.weight, std=EMBEDDING_STD)  # Fig. 2: random init
+        self.node_bias = nn.Embedding(n_embeddings, 1) if cfg.node_bias else None
+        if self.node_bias is not None:
+            nn.init.zeros_(self.node_bias.weight)
 
     def window_means(self, hist: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """(B, W*D) unweighted per-window means of the behaviour embeddings (zeros if empty)."""
@@ -136,6 +145,13 @@ class _Scorer(nn.Module):
         raise NotImplementedError
 
     def score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
+        """(B, N) logits: the model's own score plus the node's bias when ``model.node_bias``."""
+        logits = self.node_score(state, node_rows)
+        if self.node_bias is None:
+            return logits
+        return logits + self.node_bias(_rows(node_rows)).squeeze(-1).to(logits.dtype)
+
+    def node_score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(
@@ -148,7 +164,9 @@ class _Scorer(nn.Module):
 class _Head(nn.Module):
     """FC layers after the first Linear: BN + PReLU, then Linear + BN + PReLU ..., Linear(1).
 
-    The first Linear is kept outside so that callers can split it (``first``).
+    The first Linear is kept outside so that callers can split it (``first_params``). In eval
+    mode every BatchNorm is an affine map of its running statistics and is folded into the Linear
+    before it (``_fold_norm``): retrieval scores each node without a separate normalisation pass.
     """
 
     def __init__(self, n_in: int, hidden: Sequence[int]) -> None:
@@ -161,12 +179,30 @@ class _Head(nn.Module):
         self.rest = _mlp(hidden)
         self.out = nn.Linear(hidden[-1], 1)
 
+    def first_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (H1, n_in), bias (H1,)) of the first Linear, its BatchNorm folded in eval mode."""
+        if self.training:
+            return self.first.weight, self.first.bias
+        return _fold_norm(self.first, self.first_norm[0])
+
     def after_first(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, N, H1) output of the first Linear -> (B, N) logits."""
+        """(B, N, H1) output of ``first_params`` -> (B, N) logits."""
         B, N, H = h.shape
-        h = self.first_norm(h.reshape(B * N, H))  # (B*N, H1)
-        h = self.rest(h)  # (B*N, H_last)
+        h = h.reshape(B * N, H)  # (B*N, H1)
+        if self.training:
+            h = self.rest(self.first_norm(h))  # (B*N, H_last)
+        else:
+            h = self.first_norm[1](h)  # the BatchNorm is in ``first_params``
+            layers = list(self.rest)
+            for linear, norm, act in zip(layers[0::3], layers[1::3], layers[2::3], strict=True):
+                h = act(F.linear(h, *_fold_norm(linear, norm)))
         return self.out(h).view(B, N)  # (B, N)
+
+
+def _fold_norm(linear: nn.Linear, norm: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``norm(linear(x))`` with ``norm`` in eval mode (running statistics)."""
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)  # (H,)
+    return linear.weight * scale[:, None], (linear.bias - norm.running_mean) * scale + norm.bias
 
 
 CPU_CHUNK_ELEMENTS = 1 << 21
@@ -386,7 +422,7 @@ class AttentionDNN(_Scorer):
         linear = unit.view(B, D + 1, L, -1) @ w_neg  # (B, D+1, L)
         return emb, user_part, spread, unit, linear
 
-    def score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
+    def node_score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
         emb, user_part, spread = state[:3]
         unit = state[3] if len(state) > 3 else None  # with ``linear``: see ``user_state``
         D = self.dim
@@ -425,8 +461,8 @@ class AttentionDNN(_Scorer):
             )  # (B, N, L) activation weights
         # Padding behaviours have zero rows in ``spread``, so their weights drop out.
         pooled = torch.bmm(weight, spread.to(weight.dtype))  # (B, N, W*D) window averages
-        h = self.head.first(torch.cat([pooled, node.to(pooled.dtype)], dim=-1))  # (B, N, H1)
-        return self.head.after_first(h)
+        h = F.linear(torch.cat([pooled, node.to(pooled.dtype)], -1), *self.head.first_params())
+        return self.head.after_first(h)  # h: (B, N, H1)
 
 
 class DNN(_Scorer):
@@ -445,13 +481,13 @@ class DNN(_Scorer):
 
     def user_state(self, hist: torch.Tensor, windows: torch.Tensor) -> State:
         user = self.window_means(hist, windows)  # (B, W*D)
-        Wu = self.head.first.weight[:, : user.shape[1]]  # (H1, W*D)
-        return user @ Wu.t() + self.head.first.bias  # (B, H1)
+        weight, bias = self.head.first_params()
+        return user @ weight[:, : user.shape[1]].t() + bias  # (B, H1)
 
-    def score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
+    def node_score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
         user_hidden = state
         node = self.embedding(_rows(node_rows))  # (B, N, D)
-        Wn = self.head.first.weight[:, -self.dim :]  # (H1, D)
+        Wn = self.head.first_params()[0][:, -self.dim :]  # (H1, D)
         h = user_hidden.unsqueeze(1) + node @ Wn.t()  # (B, N, H1)
         return self.head.after_first(h)
 
@@ -484,7 +520,7 @@ class ProductDNN(_Scorer):
         user = self.window_means(hist, windows)  # (B, W*D)
         return self.project(self.tower(user))  # (B, D)
 
-    def score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
+    def node_score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
         node = self.embedding(_rows(node_rows))  # (B, N, D)
         return torch.bmm(node, state.to(node.dtype).unsqueeze(-1)).squeeze(-1)  # (B, N)
 
@@ -545,4 +581,6 @@ def build_model(
     for attr in ("embedding", "user_state", "score"):
         if not hasattr(model, attr):
             raise ValueError(f"model.name {cfg.name!r}: the model has no {attr!r} (see tdm.model)")
+    if cfg.node_bias and getattr(model, "node_bias", None) is None:
+        raise ValueError(f"model.node_bias: the model {cfg.name!r} has no per-node bias")
     return model

@@ -478,7 +478,9 @@ def warm_start(new_model: nn.Module, old_model: nn.Module, old_tree: Tree, new_t
 
     All weights are copied; in the embedding table the item rows ``0..n_items-1`` are copied as
     they are (items keep their rows) and every internal node of ``new_tree`` gets the mean of the
-    embeddings of the leaves under it, accumulated bottom-up level by level.
+    embeddings of the leaves under it, accumulated bottom-up level by level. A per-node bias
+    (``model.node_bias``) keeps the items' values and gives every internal node the largest bias
+    of its children, as the max-heap property asks of a node's probability (Eq. 1).
 
     Args:
         new_model: the model to initialise (its table has ``new_tree.n_nodes`` rows), in place.
@@ -491,7 +493,7 @@ def warm_start(new_model: nn.Module, old_model: nn.Module, old_tree: Tree, new_t
     old_state = old_model.state_dict()
     new_state = new_model.state_dict()
     for key, value in new_state.items():
-        if key == "embedding.weight":
+        if key in ("embedding.weight", "node_bias.weight"):
             continue
         if key not in old_state or old_state[key].shape != value.shape:
             raise ValueError(f"warm_start: parameter {key!r} does not match the old model")
@@ -514,3 +516,21 @@ def warm_start(new_model: nn.Module, old_model: nn.Module, old_tree: Tree, new_t
     inner = torch.as_tensor(np.flatnonzero(~new_tree.is_leaf), device=table.device)
     table[:n_items] = items.to(table.dtype)
     table[rows[inner]] = (sums[inner] / counts[inner, None]).to(table.dtype)
+    if getattr(new_model, "node_bias", None) is not None:
+        _warm_bias(new_model.node_bias.weight, old_model.node_bias.weight, new_tree)
+
+
+def _warm_bias(bias: torch.Tensor, old_bias: torch.Tensor, new_tree: Tree) -> None:
+    """Items keep their bias; each internal node gets the largest of its children's, bottom-up."""
+    n_items = new_tree.n_items
+    node_bias = torch.full((new_tree.n_nodes,), -torch.inf, device=bias.device)  # (n_nodes,)
+    leaves = torch.as_tensor(new_tree.leaf_nodes, device=bias.device)
+    items = torch.as_tensor(new_tree.leaf_items, device=bias.device)
+    node_bias[leaves] = old_bias[:n_items, 0].to(device=bias.device, dtype=torch.float32)[items]
+    parent = torch.as_tensor(new_tree.parent, device=bias.device)
+    offsets = new_tree.level_offsets
+    for j in range(new_tree.depth, 0, -1):  # children before parents
+        lo, hi = int(offsets[j]), int(offsets[j + 1])
+        node_bias.scatter_reduce_(0, parent[lo:hi], node_bias[lo:hi].clone(), "amax")
+    rows = torch.as_tensor(new_tree.embedding_rows(), device=bias.device)  # (n_nodes,)
+    bias[rows, 0] = node_bias.to(bias.dtype)

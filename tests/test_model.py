@@ -71,7 +71,14 @@ def naive_attention(model: AttentionDNN, hist, windows, nodes):
     x = torch.cat([b, n, b * n, b - n], dim=-1)  # (B, N, L, 4D)
     a = model.attention_out(model.attention_act(model.attention_in(x))).squeeze(-1)  # (B, N, L)
     h = torch.cat([naive_windows(a, e_b, hist, windows), e_n], dim=-1)
-    return model.head.after_first(model.head.first(h))
+    return naive_head(model.head, h)
+
+
+def naive_head(head, h):
+    """The FC layers module by module, BatchNorm as its own step: (B, N, n_in) -> (B, N)."""
+    B, N, _ = h.shape
+    h = head.rest(head.first_norm(head.first(h).reshape(B * N, -1)))
+    return head.out(h).view(B, N)
 
 
 def naive_dnn(model, hist, windows, nodes):
@@ -80,7 +87,7 @@ def naive_dnn(model, hist, windows, nodes):
     e_n = model.embedding(nodes)
     ones = torch.ones(nodes.shape + hist.shape[1:], dtype=e_b.dtype)  # (B, N, L)
     h = torch.cat([naive_windows(ones, e_b, hist, windows), e_n], dim=-1)
-    return model.head.after_first(model.head.first(h))
+    return naive_head(model.head, h)
 
 
 @pytest.fixture(params=sorted(MODELS))
@@ -274,3 +281,45 @@ def test_user_model_by_import_path(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="model.name") as err:
             resolve_model_class(bad)
         assert words in str(err.value) and bad in str(err.value)
+
+
+def test_node_bias_adds_a_per_node_term_to_every_built_in(name):
+    plain = randomised(name)
+    biased = build_model(ModelConfig(name=name, node_bias=True, **SMALL), N_EMB, W, seed=1)
+    biased = biased.to(torch.float64).eval()
+    biased.load_state_dict({**plain.state_dict(), "node_bias.weight": biased.node_bias.weight})
+    hist, windows, nodes = make_inputs()
+    with torch.no_grad():
+        assert torch.equal(biased(hist, windows, nodes), plain(hist, windows, nodes))  # zero init
+        biased.node_bias.weight.copy_(torch.randn(N_EMB, 1, dtype=torch.float64))
+        want = plain(hist, windows, nodes) + biased.node_bias.weight[nodes, 0]
+        torch.testing.assert_close(biased(hist, windows, nodes), want)
+        inference = biased.score(biased.user_state(hist, windows), nodes)  # retrieval path
+        torch.testing.assert_close(inference, want)
+    assert "node_bias" not in dict(plain.named_parameters())
+
+
+def test_node_bias_on_a_user_model_without_one_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "nobias.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            class Scorer(nn.Module):
+                def __init__(self, n_embeddings, cfg, time_windows):
+                    super().__init__()
+                    self.embedding = nn.Embedding(n_embeddings, cfg.embedding_dim)
+
+                def user_state(self, hist, windows):
+                    return self.embedding(hist.clamp_min(0)).mean(1)
+
+                def score(self, state, node_rows):
+                    return (self.embedding(node_rows) * state[:, None]).sum(-1)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    build_model(ModelConfig(name="nobias:Scorer", **SMALL), N_EMB, W)
+    with pytest.raises(ValueError, match="model.node_bias"):
+        build_model(ModelConfig(name="nobias:Scorer", node_bias=True, **SMALL), N_EMB, W)

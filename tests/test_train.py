@@ -284,3 +284,23 @@ def test_bucket_by_length_is_a_permutation_of_similar_length_batches():
     # deterministic for a generator seed, so a resumed epoch replays the same batches
     again = bucket_by_length(order, lengths, 50, np.random.default_rng(1), span=10)
     np.testing.assert_array_equal(out, again)
+
+
+def test_warm_start_gives_internal_nodes_the_largest_bias_of_their_children():
+    n = 20
+    old_tree = Tree.from_ordered_items(np.random.default_rng(0).permutation(n), arity=2)
+    new_tree = Tree.from_ordered_items(np.random.default_rng(1).permutation(n), arity=3)
+    cfg = ModelConfig(**SMALL, node_bias=True)
+    old = build_model(cfg, old_tree.n_nodes, W, seed=0)
+    new = build_model(cfg, new_tree.n_nodes, W, seed=1)
+    with torch.no_grad():
+        old.node_bias.weight.normal_()
+    warm_start(new, old, old_tree, new_tree)
+
+    old_bias, bias = old.node_bias.weight[:, 0].detach(), new.node_bias.weight[:, 0].detach()
+    assert torch.equal(bias[:n], old_bias[:n])
+    rows = new_tree.embedding_rows()
+    path = new_tree.ancestors(new_tree.leaf_nodes)  # (n, depth+1)
+    for v in np.flatnonzero(~new_tree.is_leaf):
+        under = new_tree.leaf_items[(path == v).any(1)]
+        assert bias[rows[v]] == old_bias[under].max()
