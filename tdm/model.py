@@ -180,7 +180,10 @@ class _Head(nn.Module):
         self.out = nn.Linear(hidden[-1], 1)
 
     def first_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight (H1, n_in), bias (H1,)) of the first Linear, its BatchNorm folded in eval mode."""
+        """The first Linear's weight (H1, n_in) and bias (H1,).
+
+        In eval mode its BatchNorm is folded in (``after_first`` then skips it).
+        """
         if self.training:
             return self.first.weight, self.first.bias
         return _fold_norm(self.first, self.first_norm[0])
