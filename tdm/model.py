@@ -36,7 +36,8 @@ Built-ins
 
 With ``model.node_bias`` every built-in adds a learnt bias per node (a row per embedding row,
 zero at start) to its logit: a popularity prior the network does not have to learn through the
-node embedding, which helps on small data sets (docs/RESULTS.md). It stays a per-node term, so
+node embedding (measured in docs/RESULTS.md: it lifts the attention-DNN on ml-latest-small and
+costs recall on the synthetic default, so it is off by default). It stays a per-node term, so
 beam search and the max-heap reasoning are unchanged; ``warm_start`` gives a re-learnt tree's
 internal nodes the largest bias of their children.
 
@@ -496,7 +497,7 @@ class DNN(_Scorer):
 
 
 class ProductDNN(_Scorer):
-    """TDM product-DNN (Sec. 5.4): logit = <u, e_n>, no bias.
+    """TDM product-DNN (Sec. 5.4): logit = <u, e_n>, no bias (unless ``model.node_bias``).
 
     ``u`` is the window averages through FC layers ``hidden[:-1]`` (Linear + BN + PReLU) and a last
     Linear to ``embedding_dim`` without BN/PReLU (the paper's third layer, 24 = embedding_dim; the
