@@ -272,6 +272,8 @@ def test_user_model_by_import_path(tmp_path, monkeypatch):
     model = build_model(ModelConfig(name="my_scorers:Dot", **SMALL), N_EMB, W)
     hist, windows, nodes = make_inputs()
     assert model(hist, windows, nodes).shape == nodes.shape
+    with pytest.raises(ValueError, match="model.node_bias"):  # Dot has no per-node bias
+        build_model(ModelConfig(name="my_scorers:Dot", node_bias=True, **SMALL), N_EMB, W)
     for bad, words in [
         ("no_such_module_xyz:Foo", "cannot import"),
         ("my_scorers:Missing", "has no 'Missing'"),
@@ -297,29 +299,3 @@ def test_node_bias_adds_a_per_node_term_to_every_built_in(name):
         inference = biased.score(biased.user_state(hist, windows), nodes)  # retrieval path
         torch.testing.assert_close(inference, want)
     assert "node_bias" not in dict(plain.named_parameters())
-
-
-def test_node_bias_on_a_user_model_without_one_is_refused(tmp_path, monkeypatch):
-    (tmp_path / "nobias.py").write_text(
-        textwrap.dedent(
-            """
-            import torch
-            from torch import nn
-
-            class Scorer(nn.Module):
-                def __init__(self, n_embeddings, cfg, time_windows):
-                    super().__init__()
-                    self.embedding = nn.Embedding(n_embeddings, cfg.embedding_dim)
-
-                def user_state(self, hist, windows):
-                    return self.embedding(hist.clamp_min(0)).mean(1)
-
-                def score(self, state, node_rows):
-                    return (self.embedding(node_rows) * state[:, None]).sum(-1)
-            """
-        )
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    build_model(ModelConfig(name="nobias:Scorer", **SMALL), N_EMB, W)
-    with pytest.raises(ValueError, match="model.node_bias"):
-        build_model(ModelConfig(name="nobias:Scorer", node_bias=True, **SMALL), N_EMB, W)
