@@ -506,12 +506,8 @@ def warm_start(new_model: nn.Module, old_model: nn.Module, old_tree: Tree, new_t
     leaves = torch.as_tensor(new_tree.leaf_nodes, device=table.device)
     sums[leaves] = items[torch.as_tensor(new_tree.leaf_items, device=table.device)]
     counts[leaves] = 1.0
-    parent = torch.as_tensor(new_tree.parent, device=table.device)
-    offsets = new_tree.level_offsets
-    for j in range(new_tree.depth, 0, -1):  # children before parents
-        lo, hi = int(offsets[j]), int(offsets[j + 1])
-        sums.index_add_(0, parent[lo:hi], sums[lo:hi].clone())
-        counts.index_add_(0, parent[lo:hi], counts[lo:hi].clone())
+    _reduce_up(new_tree, sums, "sum")
+    _reduce_up(new_tree, counts, "sum")
     rows = torch.as_tensor(new_tree.embedding_rows(), device=table.device)  # (n_nodes,)
     inner = torch.as_tensor(np.flatnonzero(~new_tree.is_leaf), device=table.device)
     table[:n_items] = items.to(table.dtype)
@@ -527,10 +523,21 @@ def _warm_bias(bias: torch.Tensor, old_bias: torch.Tensor, new_tree: Tree) -> No
     leaves = torch.as_tensor(new_tree.leaf_nodes, device=bias.device)
     items = torch.as_tensor(new_tree.leaf_items, device=bias.device)
     node_bias[leaves] = old_bias[:n_items, 0].to(device=bias.device, dtype=torch.float32)[items]
-    parent = torch.as_tensor(new_tree.parent, device=bias.device)
-    offsets = new_tree.level_offsets
-    for j in range(new_tree.depth, 0, -1):  # children before parents
-        lo, hi = int(offsets[j]), int(offsets[j + 1])
-        node_bias.scatter_reduce_(0, parent[lo:hi], node_bias[lo:hi].clone(), "amax")
+    _reduce_up(new_tree, node_bias, "amax")
     rows = torch.as_tensor(new_tree.embedding_rows(), device=bias.device)  # (n_nodes,)
     bias[rows, 0] = node_bias.to(bias.dtype)
+
+
+def _reduce_up(tree: Tree, values: torch.Tensor, reduce: str) -> None:
+    """Fold every node's row of ``values`` (n_nodes, ...) into its parent's, deepest level first.
+
+    ``reduce`` is ``"sum"`` (added to the parent's row) or ``"amax"`` (the larger one kept).
+    """
+    parent = torch.as_tensor(tree.parent, device=values.device)
+    offsets = tree.level_offsets
+    for j in range(tree.depth, 0, -1):  # children before parents
+        lo, hi = int(offsets[j]), int(offsets[j + 1])
+        if reduce == "sum":
+            values.index_add_(0, parent[lo:hi], values[lo:hi].clone())
+        else:
+            values.scatter_reduce_(0, parent[lo:hi], values[lo:hi].clone(), reduce)
