@@ -81,9 +81,9 @@ def run_seed(
     """One seed: every baseline and every TDM variant on the test users of ``cfg.data.seed``.
 
     Each method's result is kept in ``work`` with the settings it depends on (a baseline: the
-    data, synthetic and eval params and ``tune_mode``; a TDM variant: all params and its rounds)
-    and read back, not run again, by a later call with the same settings: changing ``train.lr``
-    re-runs the TDM variants only.
+    data, synthetic and eval params, its tuning grid and ``tune_mode``; a TDM variant: all
+    params and its rounds) and read back, not run again, by a later call with the same settings:
+    changing ``train.lr`` re-runs the TDM variants only.
 
     Args:
         cfg: the data set's config (its ``data.seed`` picks the users).
@@ -100,6 +100,7 @@ def run_seed(
         them (also of the kept ones).
     """
     from tdm import stages
+    from tdm.baselines import GRIDS
 
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
@@ -112,6 +113,7 @@ def run_seed(
         key = {
             "method": name,
             "tune_mode": tune_mode,
+            "grid": GRIDS[name],
             **{section: params[section] for section in ("data", "synthetic", "eval")},
         }
         out["baselines"][name] = _kept(

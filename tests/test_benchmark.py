@@ -69,7 +69,7 @@ def test_tables_and_figure_are_written(report):
 
 
 def test_finished_methods_are_reused_only_with_the_settings_they_depend_on(report, monkeypatch):
-    from tdm import benchmark
+    from tdm import baselines, benchmark
     from tdm.config import load_config
 
     cfg = load_config(ROOT / "params.yaml", TINY)
@@ -101,6 +101,9 @@ def test_finished_methods_are_reused_only_with_the_settings_they_depend_on(repor
         benchmark.run(cfg, "x", work, [0], ["popular"], ["product_dnn"], rounds=1)
     with pytest.raises(AssertionError, match="popular was run again"):  # other test users
         benchmark.run(cfg, "x", work, [2], ["popular"], [], rounds=1)
+    monkeypatch.setitem(baselines.GRIDS, "itemcf", {"neighbours": [7]})  # another grid
+    with pytest.raises(AssertionError, match="itemcf was run again"):
+        benchmark.run(cfg, "x", work, [0], ["popular", "itemcf"], [], rounds=1)
 
 
 def test_summarise_handles_a_single_seed():
