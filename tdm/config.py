@@ -90,7 +90,6 @@ class TrainConfig:
     history_dropout: float = 0.0
     bucket_by_length: bool = True
     with_eval_history: bool = False
-    targets: str = "next"
     select_best: bool = True
     patience: int = 0
     progress: bool = True
@@ -232,7 +231,6 @@ _CHOICES = {
     ("data", "source"): ("synthetic", "movielens", "userbehavior"),
     ("data", "category_rule"): ("first", "rarest"),
     ("sampler", "mode"): ("random", "siblings"),
-    ("train", "targets"): ("next", "second_half"),
     ("retrieval", "ranking"): ("node", "path"),
     ("eval", "split"): ("test", "valid"),
 }

@@ -168,11 +168,7 @@ def train(
     )
     sampler = LayerwiseSampler(tree, negatives, mode=cfg.sampler.mode, seed=cfg.sampler.seed)
     source = TrainSamples(
-        data,
-        cfg.data.max_history,
-        cfg.data.min_history,
-        cfg.train.with_eval_history,
-        cfg.train.targets,
+        data, cfg.data.max_history, cfg.data.min_history, cfg.train.with_eval_history
     )
     ckpt_dir = out_dir.with_name(out_dir.name + ".ckpt")
     monitor = ValidationMonitor(model, tree, data, cfg, callback)
@@ -263,21 +259,12 @@ class TrainSamples:
     """Training samples derived from the prepared CSR sequences (the trainer's sample source).
 
     Every position with at least ``min_history`` earlier behaviours of its user is a sample; its
-    features are the at most ``max_history`` behaviours before it, split into time windows
-    (``targets="next"``). With ``targets="second_half"`` a training user's second-half targets
-    see only the first half (``tdm.data.features.feature_ends``); the evaluation users' known
-    first halves (``with_eval_history``) stay next-item samples.
+    features are the at most ``max_history`` behaviours before it, split into time windows.
     """
 
     def __init__(
-        self,
-        data,
-        max_history: int,
-        min_history: int,
-        with_eval_history: bool = False,
-        targets: str = "next",
+        self, data, max_history: int, min_history: int, with_eval_history: bool = False
     ) -> None:
-        from tdm.data.features import feature_ends
         from tdm.data.protocol import TrainSplit, training_positions
 
         self.split = data.train
@@ -295,32 +282,18 @@ class TrainSamples:
         self.n_samples = len(self.positions)
         offsets = self.split.offsets
         self.users = np.searchsorted(offsets, self.positions, side="right") - 1  # (n_samples,)
-        self.starts = offsets[:-1][self.users]
-        second_half = None
-        if targets == "second_half":  # the training users' rows, not the evaluation users'
-            second_half = np.arange(len(offsets) - 1) < len(data.train.users)
-        self.ends, cut = feature_ends(offsets, self.positions, second_half)  # (n_samples,)
-        # ages from the target's time; for a second-half target from the last behaviour of the
-        # first half, as for an evaluation user (tdm.data.features.eval_batch)
-        self.now = self.split.times[np.where(cut, self.ends - 1, self.positions)]
-        self.lengths = np.minimum(self.ends - self.starts, max_history)  # (n_samples,)
+        starts = offsets[:-1][self.users]
+        self.lengths = np.minimum(self.positions - starts, max_history)  # (n_samples,)
 
     def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Histories (right-aligned) trimmed to the longest one in the batch."""
-        from tdm.data.features import make_history
+        from tdm.data.features import train_batch
 
-        width = max(int(self.lengths[index].max()), 1)
-        hist, windows = make_history(
-            self.split.items,
-            self.split.times,
-            self.starts[index],
-            self.ends[index],
-            self.now[index],
-            width,
-            self.window_bounds,
+        hist, windows, targets = train_batch(
+            self.split, self.positions[index], self.max_history, self.window_bounds
         )
-        targets = self.split.items[self.positions[index]].astype(np.int64, copy=False)
-        return hist, windows, targets
+        width = max(int(self.lengths[index].max()), 1)
+        return hist[:, -width:], windows[:, -width:], targets
 
 
 def _concat_offsets(parts: list[np.ndarray]) -> np.ndarray:

@@ -159,40 +159,6 @@ def test_train_samples_trim_padding_to_the_longest_history(pipeline_root):
     assert ((hist >= 0).sum(axis=1) == source.lengths[index]).all()
 
 
-def test_second_half_targets_see_the_first_half_as_an_evaluation_user(pipeline_root):
-    from tdm.data.features import eval_batch
-    from tdm.data.protocol import EvalSplit, load_prepared
-    from tdm.stages import TrainSamples
-
-    data = load_prepared(pipeline_root / "prepared")
-    nxt = TrainSamples(data, 20, 1, with_eval_history=True)
-    half = TrainSamples(data, 20, 1, with_eval_history=True, targets="second_half")
-    np.testing.assert_array_equal(half.positions, nxt.positions)  # the same targets
-    train = data.train
-    u = 0  # the first training user, seen as an evaluation user with the same split
-    s, e = train.offsets[u], train.offsets[u + 1]
-    h = s + (e - s) // 2
-    as_eval = EvalSplit(
-        users=train.users[:1],
-        hist_items=train.items[s:h],
-        hist_times=train.times[s:h],
-        hist_offsets=np.array([0, h - s]),
-        truth_items=train.items[h:e],
-        truth_offsets=np.array([0, e - h]),
-    )
-    want, want_windows = eval_batch(as_eval, np.array([0]), 20, data.window_bounds)
-    late = np.flatnonzero((half.users == u) & (half.positions >= h))
-    early = np.flatnonzero((half.users == u) & (half.positions < h))
-    assert len(late) == e - h and len(early) > 0
-    hist, windows, targets = half.batch(late)
-    width = hist.shape[1]
-    assert (hist == want[:, -width:]).all() and (windows == want_windows[:, -width:]).all()
-    np.testing.assert_array_equal(targets, train.items[h:e])
-    for index in (early, np.flatnonzero(half.users >= len(train.users))[:50]):
-        for a, b in zip(half.batch(index), nxt.batch(index), strict=True):
-            np.testing.assert_array_equal(a, b)  # first halves, evaluation users: next-item
-
-
 def test_validation_monitor_keeps_best_epoch_and_stops_on_patience():
     import torch
 

@@ -123,37 +123,6 @@ def train_batch(
     return hist, windows, train.items[positions].astype(np.int64, copy=False)
 
 
-def feature_ends(
-    offsets: np.ndarray, positions: np.ndarray, second_half: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Where each training sample's features stop, and whether its target is a second-half one.
-
-    By default a sample's features are the behaviours before its target (``ends = positions``,
-    Sec. 3.4). For a user whose row is True in ``second_half``, a target at or after the user's
-    half-way point ``h = start + n // 2`` is predicted from the first half alone (``ends = h``):
-    the evaluation task of Sec. 5.1 (first ``floor(n / 2)`` behaviours known, the rest to find)
-    posed on a training user. Targets before ``h`` keep the behaviours just before them.
-
-    Args:
-        offsets: (U+1,) CSR offsets of the users' behaviours.
-        positions: (B,) target positions.
-        second_half: (U,) bool per CSR row, or None (all False).
-
-    Returns:
-        ends: (B,) int64 exclusive ends, ``ends[b] <= positions[b]``.
-        cut: (B,) bool, True for the second-half targets (their ages count from the last
-            behaviour of the first half, as an evaluation user's do).
-    """
-    positions = np.asarray(positions, dtype=np.int64)
-    if second_half is None:
-        return positions.copy(), np.zeros(len(positions), dtype=bool)
-    rows = user_of_positions(offsets, positions)
-    starts, stops = offsets[rows], offsets[rows + 1]
-    half = starts + (stops - starts) // 2
-    cut = np.asarray(second_half)[rows] & (positions >= half) & (half > starts)
-    return np.where(cut, half, positions), cut
-
-
 def eval_batch(
     split: EvalSplit,
     user_rows: np.ndarray,

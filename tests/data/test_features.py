@@ -1,6 +1,6 @@
 import numpy as np
 
-from tdm.data.features import eval_batch, feature_ends, make_history, train_batch
+from tdm.data.features import eval_batch, make_history, train_batch
 from tdm.data.protocol import EvalSplit, TrainSplit, training_positions
 
 ITEMS = np.array([10, 11, 12, 13, 14, 15])
@@ -47,17 +47,6 @@ def test_train_batch_uses_only_earlier_behaviours_of_the_same_user():
     assert windows.tolist() == [[-1, 1], [1, 1], [1, 1], [-1, 1]]
     assert training_positions(train, 3).tolist() == [3]
     assert training_positions(train, 1, np.array([3, 0])).tolist() == [5, 1]
-
-
-def test_feature_ends_stop_second_half_targets_at_the_half():
-    offsets = np.array([0, 4, 9, 12])  # users of 4, 5 and 3 behaviours: halves at 2, 6, 10
-    positions = np.array([1, 2, 3, 5, 6, 8, 10, 11])
-    ends, cut = feature_ends(offsets, positions)
-    assert ends.tolist() == positions.tolist() and not cut.any()
-    mask = np.array([True, True, False])  # the third user keeps next-item targets
-    ends, cut = feature_ends(offsets, positions, mask)
-    assert ends.tolist() == [1, 2, 2, 5, 6, 6, 10, 11]
-    assert cut.tolist() == [False, True, True, False, True, True, False, False]
 
 
 def test_eval_batch_measures_age_from_last_known_behaviour():
