@@ -22,7 +22,14 @@ from tdm.metrics import (
 EVAL_BATCH = 1024
 
 
-def evaluate_split(ranker, data, split, cfg: EvalConfig, batch_size: int = EVAL_BATCH) -> dict:
+def evaluate_split(
+    ranker,
+    data,
+    split,
+    cfg: EvalConfig,
+    batch_size: int = EVAL_BATCH,
+    per_user: bool = False,
+) -> dict:
     """Precision, Recall, F-Measure and Novelty @M (Eq. 5-7) for every filter mode (Sec. 5.3).
 
     Args:
@@ -30,8 +37,10 @@ def evaluate_split(ranker, data, split, cfg: EvalConfig, batch_size: int = EVAL_
         data: the prepared data (``tdm.data.protocol.load_prepared``).
         split: its ``valid`` or ``test`` split.
         cfg: the ``eval`` section (``topk`` = M, ``filters``).
+        per_user: also return each user's precision and recall (NaN recall: empty truth).
     Returns:
-        ``{mode: {"precision", "recall", "f_measure", "novelty", "n_evaluated"}}``.
+        ``{mode: {"precision", "recall", "f_measure", "novelty", "n_evaluated"}}``, with
+        (U,) arrays ``precision_per_user`` and ``recall_per_user`` when ``per_user``.
     """
     item_category = data.items["category_id"].to_numpy()
     n_items = len(item_category)
@@ -61,6 +70,9 @@ def evaluate_split(ranker, data, split, cfg: EvalConfig, batch_size: int = EVAL_
             "novelty": m["novelty"],
             "n_evaluated": m["n_evaluated"],
         }
+        if per_user:
+            out[mode]["precision_per_user"] = m["precision_per_user"]
+            out[mode]["recall_per_user"] = m["recall_per_user"]
     return out
 
 

@@ -155,6 +155,20 @@ def test_learns_the_block_structure(blocks, fitted, name):
     assert report["items"]["novelty"] == pytest.approx(1.0)
 
 
+def test_per_user_metrics_average_to_the_reported_means(blocks, fitted):
+    ranker = fitted["itemcf"].ranker()
+    report = evaluate_split(ranker, blocks, blocks.test, EVAL, per_user=True)
+    for mode in ("none", "items"):
+        m = report[mode]
+        recall, precision = m["recall_per_user"], m["precision_per_user"]
+        assert len(recall) == len(precision) == blocks.test.n_users
+        assert np.nanmean(recall) == pytest.approx(m["recall"])
+        assert precision[~np.isnan(recall)].mean() == pytest.approx(m["precision"])
+    popular = evaluate_split(fitted["popular"].ranker(), blocks, blocks.test, EVAL, per_user=True)
+    assert popular["none"]["recall_per_user"].std() > 0  # per user, not a broadcast mean
+    assert "recall_per_user" not in evaluate_split(ranker, blocks, blocks.test, EVAL)["none"]
+
+
 # ------------------------------------------------------------------------- contract
 @pytest.mark.parametrize("name", list(BASELINES))
 def test_exclude_is_honoured(blocks, fitted, name):

@@ -106,6 +106,33 @@ def test_finished_methods_are_reused_only_with_the_settings_they_depend_on(repor
         benchmark.run(cfg, "x", work, [0], ["popular", "itemcf"], [], rounds=1)
 
 
+def test_by_history_length_splits_the_test_users_of_every_seed(report, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "by_history_length", ROOT / "benchmarks/by_history_length.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    work, out = report.parent / "work", tmp_path / "groups.json"
+    script.main(["--work", str(work), "--round", "1", "--bounds", "12", "--out", str(out)])
+    groups = json.loads(out.read_text())["groups"]
+    assert "| history | users |" in capsys.readouterr().out
+    assert [g["history"][:5] for g in groups] == ["[0, 1", "[12, "]
+    # the users of both seeds, once each; per-group means pool back to each seed's report
+    rounds = [
+        json.loads((work / f"seed_{s}/attention_dnn/result.json").read_text()) for s in (0, 1)
+    ]
+    users = [
+        json.loads((work / f"seed_{s}/attention_dnn/metrics/round_1.json").read_text())["users"]
+        for s in (0, 1)
+    ]
+    assert sum(g["users"] for g in groups) == sum(users)
+    pooled = sum(g["users"] * g["tdm P (none)"] for g in groups) / sum(users)
+    per_seed = [r["result"]["rounds"][1]["test"]["none"]["precision"] for r in rounds]
+    assert pooled == pytest.approx(100 * np.average(per_seed, weights=users))
+
+
 def test_summarise_handles_a_single_seed():
     test = {"none": {m: 0.5 for m in ("precision", "recall", "f_measure", "novelty")}}
     per_seed = {0: {"baselines": {"popular": {"test": test}}, "tdm": {}}}
