@@ -100,11 +100,15 @@ def run_seed(
         them (also of the kept ones).
     """
     from tdm import stages
-    from tdm.baselines import GRIDS
+    from tdm.baselines import BASELINES, GRIDS
 
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise ValueError(f"unknown TDM variants {unknown} (known: {', '.join(VARIANTS)})")
+    for kind, names, known in (
+        ("baselines", baselines, BASELINES),
+        ("TDM variants", variants, VARIANTS),
+    ):
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ValueError(f"unknown {kind} {unknown} (known: {', '.join(known)})")
     work = Path(work)
     stages.prepare(cfg, work / "prepared")  # the baselines' data (~0.1 s, not counted)
     out: dict[str, Any] = {"baselines": {}, "tdm": {}}

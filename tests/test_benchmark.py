@@ -101,6 +101,10 @@ def test_finished_methods_are_reused_only_with_the_settings_they_depend_on(repor
         benchmark.run(cfg, "x", work, [0], ["popular"], ["product_dnn"], rounds=1)
     with pytest.raises(AssertionError, match="popular was run again"):  # other test users
         benchmark.run(cfg, "x", work, [2], ["popular"], [], rounds=1)
+    with pytest.raises(ValueError, match=r"unknown baselines \['nope'\]"):
+        benchmark.run(cfg, "x", work, [0], ["popular", "nope"], [], rounds=1)
+    with pytest.raises(ValueError, match=r"unknown TDM variants \['nope'\]"):
+        benchmark.run(cfg, "x", work, [0], ["popular"], ["nope"], rounds=1)
     monkeypatch.setitem(baselines.GRIDS, "itemcf", {"neighbours": [7]})  # another grid
     with pytest.raises(AssertionError, match="itemcf was run again"):
         benchmark.run(cfg, "x", work, [0], ["popular", "itemcf"], [], rounds=1)
