@@ -21,9 +21,9 @@ import argparse
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from tdm.io import write_text
 
 PLOTS = "plots"
 METHODS = (("tdm", "tdm"), ("most_popular", "popular"))
@@ -60,17 +60,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(buf.getvalue())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, buf.getvalue())
 
 
 def _read_json(path: Path) -> dict:

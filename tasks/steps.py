@@ -229,10 +229,10 @@ def expected_window(cfg: Config) -> tuple[int, int] | None:
 
 
 def _keep_report(report, root: str, name: str, run: RunRef | None) -> Path:
-    from tdm.tree import atomic_write_bytes
+    from tdm.io import write_text
 
     path = Path(root) / "reports" / f"validation_{name}.json"
-    atomic_write_bytes(path, report.to_json().encode())
+    write_text(path, report.to_json())
     if run is not None:
         log_file(run, path, "validation")
     from prefect.artifacts import create_markdown_artifact

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from tdm.config import Config, config_from_dict
+from tdm.io import write_json, write_text
 from tdm.paths import Paths
-from tdm.stages import write_json
 
 log = logging.getLogger(__name__)
 
@@ -402,9 +402,7 @@ def run(
 
 def write_report(result: dict, out: Path) -> str:
     """``out/results.json`` and ``out/tables.md`` (atomically); returns the tables."""
-    from tdm.tree import atomic_write_bytes
-
     tables = render(result)
     write_json(Path(out) / "results.json", result)
-    atomic_write_bytes(Path(out) / "tables.md", (tables + "\n").encode())
+    write_text(Path(out) / "tables.md", tables + "\n")
     return tables

@@ -6,10 +6,8 @@ failed stage never leaves a half-written artefact.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from tdm.config import Config
+from tdm.io import atomic_dir, write_bytes, write_json
 from tdm.paths import Paths
-from tdm.tree import Tree, atomic_write_bytes
+from tdm.tree import Tree
 
 log = logging.getLogger(__name__)
 
@@ -28,42 +27,6 @@ TREE_FILE = "tree.tree"
 ITEMS_FILE = "items.parquet"
 META_FILE = "meta.json"
 TRAIN_LOG_FILE = "train_log.json"
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    atomic_write_bytes(
-        Path(path), (json.dumps(data, indent=2, default=_json_default) + "\n").encode()
-    )
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written temp folder over ``final`` (the old one is removed only then)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{time.time_ns()}")
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _temp_dir_for(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would carry over to the published folder
-    return tmp
 
 
 # --------------------------------------------------------------------------------------- data
@@ -189,8 +152,7 @@ def train(
         model.load_state_dict(monitor.best_state)
         best_epoch = monitor.best_epoch
 
-    tmp = _temp_dir_for(out_dir)
-    try:
+    with atomic_dir(out_dir, manifest=True) as tmp:
         save_model(model, tmp / MODEL_FILE, cfg)
         tree.save(tmp / TREE_FILE)
         shutil.copy2(Path(prepared_dir) / ITEMS_FILE, tmp / ITEMS_FILE)
@@ -207,10 +169,6 @@ def train(
             "torch": torch.__version__,
         }
         write_json(tmp / TRAIN_LOG_FILE, summary)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary
 
@@ -316,7 +274,7 @@ def export_embeddings(model_dir: Path, out_path: Path) -> dict:
     emb = model.embedding.weight.detach().float().cpu().numpy()[: tree.n_items]
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(emb, dtype=np.float32))
-    atomic_write_bytes(Path(out_path), buf.getvalue())
+    write_bytes(Path(out_path), buf.getvalue())
     return {"path": str(out_path), "shape": list(emb.shape)}
 
 

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tdm.config import Config, ModelConfig, TrainConfig
+from tdm.io import save_torch
 from tdm.model import build_model
 from tdm.sampler import LayerwiseSampler
 from tdm.tree import Tree
@@ -259,18 +258,6 @@ def _model_meta(model: nn.Module, model_config: ModelConfig | None) -> dict[str,
     }
 
 
-def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint dict (on CPU), checking its format version."""
     path = Path(path)
@@ -313,7 +300,7 @@ def save_model(model: nn.Module, path: str | Path, cfg: Config | ModelConfig | N
     }
     if isinstance(cfg, Config):
         obj["config"] = cfg.to_dict()
-    _atomic_save(obj, Path(path))
+    save_torch(obj, Path(path))
 
 
 def train(
@@ -464,8 +451,8 @@ def train(
                 "losses": list(result.losses),
                 "stats": list(result.stats),
             }
-            _atomic_save(ckpt, ckpt_dir / f"epoch_{epoch + 1}.pt")
-            _atomic_save(ckpt, ckpt_dir / "last.pt")
+            save_torch(ckpt, ckpt_dir / f"epoch_{epoch + 1}.pt")
+            save_torch(ckpt, ckpt_dir / "last.pt")
         if callback is not None and callback(epoch, stats):
             logger.info("stopping after epoch %d: the callback asked to stop", epoch + 1)
             break

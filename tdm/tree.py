@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from tdm.io import write_bytes
 
 _MAGIC = b"TDMTREE\x00"
 _VERSION = 1
@@ -218,7 +218,7 @@ class Tree:
             sort_keys=True,
         ).encode()
         blob = _MAGIC + struct.pack("<II", _VERSION, len(header)) + header + payload
-        atomic_write_bytes(path, blob)
+        write_bytes(path, blob)
 
     @classmethod
     def load(cls, path: str | Path) -> Tree:
@@ -262,18 +262,3 @@ def _runs(parent: np.ndarray):
         end = max(end, start + 1)
         yield start, end
         start, prev_end = end, end
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    # O_EXCL like mkstemp, but with the usual umask-governed mode rather than mkstemp's 0600
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

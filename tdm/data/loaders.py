@@ -16,14 +16,12 @@ and the column of the first offending row.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ import pyarrow.csv as pacsv
 
 from tdm.config import DataConfig, SyntheticConfig
 from tdm.data.schema import BEHAVIOR_TYPES, COLUMNS, DataError, behavior_categorical
+from tdm.io import atomic_dir, atomic_file, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +80,14 @@ def download(url: str, dest_dir: str | Path, force: bool = False) -> Path:
             logger.info("using cached %s", target)
             return target
         logger.warning("cached %s is not a valid zip archive; downloading again", target)
-    tmp = dest_dir / f".{name}.{uuid.uuid4().hex[:12]}.part"
     try:
         logger.info("downloading %s to %s", url, target)
-        with open(tmp, "xb") as out, urllib.request.urlopen(url, timeout=120) as response:
-            shutil.copyfileobj(response, out, length=1 << 20)
-        if not _is_valid_zip(tmp):
-            raise DataError("the downloaded file is not a valid zip archive", url)
-        os.replace(tmp, target)
+        with atomic_file(target) as tmp:
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=120) as response:
+                shutil.copyfileobj(response, out, length=1 << 20)
+            if not _is_valid_zip(tmp):
+                raise DataError("the downloaded file is not a valid zip archive", url)
     except (urllib.error.URLError, OSError, ValueError) as exc:
-        tmp.unlink(missing_ok=True)
         if isinstance(exc, DataError):
             raise
         raise DataError(f"download failed: {exc}", url) from exc
@@ -124,34 +121,19 @@ def extract_zip(zip_path: str | Path, dest_dir: str | Path) -> Path:
     """
     zip_path = Path(zip_path)
     dest_dir = Path(dest_dir).expanduser()
-    digest = hashlib.sha256()
-    with open(zip_path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    target = dest_dir / f"{zip_path.stem}-{digest.hexdigest()[:12]}"
+    target = dest_dir / f"{zip_path.stem}-{sha256_file(zip_path)[:12]}"
     if target.is_dir():
         return target
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dest_dir / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.mkdir()
     try:
-        with zipfile.ZipFile(zip_path) as archive:
+        with atomic_dir(target) as tmp, zipfile.ZipFile(zip_path) as archive:
             root = tmp.resolve()
             for member in archive.namelist():
                 resolved = (tmp / member).resolve()
                 if resolved != root and root not in resolved.parents:
                     raise DataError(f"unsafe member path {member!r}", zip_path)
             archive.extractall(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():  # else another process extracted it meanwhile
-                raise
     except zipfile.BadZipFile as exc:
         raise DataError(f"not a zip archive: {exc}", zip_path) from exc
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

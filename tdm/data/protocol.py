@@ -20,9 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ import pyarrow.parquet as pq
 from tdm.config import DataConfig
 from tdm.data.features import history_index
 from tdm.data.schema import DataError, check_table
+from tdm.io import IntegrityError, atomic_dir, recover_dir, verify_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -424,11 +422,9 @@ def _sample_ages(
 
 
 def _write_atomic(prepared: Prepared, out_dir: Path) -> None:
-    """Write the files into a temporary sibling of ``out_dir`` and rename it into place."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()  # not mkdtemp: its 0700 mode would stick to the output folder
-    try:
+    """Write the files, with their manifest, into a temporary sibling of ``out_dir`` and swap it
+    into place (``tdm.io.atomic_dir``)."""
+    with atomic_dir(out_dir, manifest=True) as tmp:
         pq.write_table(
             pa.Table.from_pandas(prepared.items, preserve_index=False), tmp / "items.parquet"
         )
@@ -437,30 +433,12 @@ def _write_atomic(prepared: Prepared, out_dir: Path) -> None:
             split = prepared.split(name)
             _save_npz(tmp / f"{name}.npz", {k: getattr(split, k) for k in EVAL_KEYS})
         (tmp / "meta.json").write_text(json.dumps(prepared.meta, indent=2) + "\n")
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("prepare: wrote %s", out_dir)
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as handle:
         np.savez(handle, **{k: np.asarray(v, dtype=np.int64) for k, v in arrays.items()})
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_prepared(path: str | Path) -> Prepared:
@@ -476,9 +454,14 @@ def load_prepared(path: str | Path) -> Prepared:
         DataError: naming the file when one is missing or lacks an array.
     """
     path = Path(path)
+    recover_dir(path)
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise DataError("missing meta.json (not a prepared-data folder?)", meta_path)
+    try:
+        verify_manifest(path)
+    except IntegrityError as exc:
+        raise DataError(f"{exc}; run `tdm prepare` again") from None
     meta = json.loads(meta_path.read_text())
     items_path = path / "items.parquet"
     if not items_path.is_file():

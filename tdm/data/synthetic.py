@@ -25,8 +25,6 @@ The generative story (all of it vectorised numpy; no Python loop over users or b
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +34,7 @@ import pyarrow.csv as pacsv
 
 from tdm.config import SyntheticConfig
 from tdm.data.schema import BEHAVIOR_TYPES, COLUMNS
+from tdm.io import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +274,6 @@ def write_userbehavior_csv(df: pd.DataFrame, path: str | Path) -> Path:
         ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table(
         {
             "user_id": pa.array(df["user_id"].to_numpy(dtype=np.int64)),
@@ -285,15 +283,10 @@ def write_userbehavior_csv(df: pd.DataFrame, path: str | Path) -> Path:
             "timestamp": pa.array(df["timestamp"].to_numpy(dtype=np.int64)),
         }
     )
-    tmp_name = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"  # umask mode, not 0600
-    try:
+    with atomic_file(path) as tmp:
         pacsv.write_csv(
             table,
-            tmp_name,
+            tmp,
             write_options=pacsv.WriteOptions(include_header=False, quoting_style="none"),
         )
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return path
