@@ -151,9 +151,7 @@ def _exchange(a: Path, b: Path) -> bool:
             _renameat2 = False
     if _renameat2 is False:
         return False
-    done = _renameat2(
-        _AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE
-    )
+    done = _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
     if done == 0:
         return True
     err = ctypes.get_errno()
