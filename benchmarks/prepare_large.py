@@ -13,7 +13,7 @@ reports wall time and peak RSS (``ru_maxrss``) after each:
 1. load: ``tdm.data.loaders.load_userbehavior`` (pyarrow, narrow types);
 2. split: ``tdm.data.protocol.prepare`` (users >= 10 behaviours, test/validation users, dense item
    indices, (user, time) sort, window bounds) writing the prepared folder; the frame is freed;
-3. samples: ``load_prepared`` + ``tdm.stages.TrainSamples`` (positions and history lengths of
+3. samples: ``load_prepared`` + ``tdm.data.samples.TrainSamples`` (positions and history lengths of
    every training sample).
 
     python benchmarks/prepare_large.py                  # 20M rows
@@ -138,7 +138,7 @@ def worker(csv_path: Path, out_dir: Path, profile: bool = False) -> dict:
     from tdm.config import DataConfig
     from tdm.data.loaders import load_userbehavior
     from tdm.data.protocol import load_prepared, prepare
-    from tdm.stages import TrainSamples
+    from tdm.data.samples import TrainSamples
 
     cfg = DataConfig(source="userbehavior", path=str(csv_path))
     steps = []

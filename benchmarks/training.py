@@ -57,7 +57,7 @@ from tdm.data.protocol import load_prepared, prepare  # noqa: E402
 from tdm.data.synthetic import generate  # noqa: E402
 from tdm.model import build_model  # noqa: E402
 from tdm.sampler import LayerwiseSampler, negatives_for_levels  # noqa: E402
-from tdm.stages import TrainSamples  # noqa: E402
+from tdm.data.samples import TrainSamples  # noqa: E402
 from tdm.train import TrainStep, _batches, bucket_by_length, train  # noqa: E402
 from tdm.tree_build import category_tree  # noqa: E402
 

@@ -17,6 +17,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tdm.config import ConfigError, load_config
+from tdm.errors import TdmError
 from tdm.paths import Paths
 
 log = logging.getLogger("tdm")
@@ -55,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
         "and rounds.warm_start; 'none': from scratch",
     )
     p.add_argument("--out", help="model folder (default models/round_<r>)")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start from epoch 1 even when a checkpoint of the same run exists",
+    )
     p = add("export-embeddings", "write the trained item embeddings")
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--model", help="model folder (default models/round_<r>)")
@@ -77,10 +83,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--keep-seen", action="store_true", help="allow items of the history")
     add("pipeline", "prepare, init tree, then train/evaluate/export/relearn for every round")
-    p = add("compare-trees", "the rounds (trees) of pipeline runs side by side, from MLflow")
-    p.add_argument("--tracking-uri", help="MLflow store (default sqlite:///<root>/mlflow.db)")
-    p.add_argument("--run", help="a pipeline (parent) run id; default the newest runs")
-    p.add_argument("-n", type=int, default=1, help="how many of the newest pipeline runs")
     p = add("benchmark", "the paper's tables: baselines and TDM variants over seeds (Sec. 5)")
     p.add_argument("--dataset", help="name in the report (default: data.source)")
     p.add_argument("--seeds", default="0,1,2,3,4", help="data.seed values (which users are test)")
@@ -92,7 +94,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work", help="scratch folder for models (default: a temporary folder)")
     p = add("generate", "write the synthetic data set as a UserBehavior.csv file")
     p.add_argument("--out", required=True)
+    for register in _plugins(COMMANDS).values():  # e.g. compare-trees, from tasks/
+        register(sub, common)
     return parser
+
+
+COMMANDS = "tdm.commands"  # entry points: register(subparsers, common) adds a sub-command
+FIGURES = "tdm.figures"  # entry points: draw(data, path, title) -> path (matplotlib)
+# The commands that write under --root: each holds the root's lock while it runs.
+WRITERS = (
+    "prepare",
+    "init-tree",
+    "train",
+    "export-embeddings",
+    "relearn-tree",
+    "evaluate",
+    "pipeline",
+)
+
+
+class CommandError(TdmError, RuntimeError):
+    """A command that cannot do what was asked; the message is shown as one line."""
+
+
+def _plugins(group: str) -> dict:
+    """The loaded entry points of ``group``, by name (none when the package is not installed)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.load() for ep in entry_points(group=group)}
 
 
 def _history(text: str):
@@ -144,15 +173,31 @@ def run(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    handler = getattr(args, "handler", None)
+    if handler is not None:  # a command registered through the tdm.commands entry points
+        return int(handler(args))
+    cfg = _config(args)
+    if args.command in WRITERS:
+        from tdm.io import root_lock
+
+        with root_lock(args.root, "tdm " + " ".join(argv if argv is not None else sys.argv[1:])):
+            return _dispatch(args, cfg)
+    return _dispatch(args, cfg)
+
+
+def _config(args: argparse.Namespace):
+    """The params of the command; ``recommend`` falls back to the defaults without a file."""
+    if args.command == "recommend" and not Path(args.params).exists() and not args.overrides:
+        from tdm.config import Config
+
+        return Config()
+    return load_config(args.params, args.overrides)
+
+
+def _dispatch(args: argparse.Namespace, cfg) -> int:
     from tdm import stages  # heavy imports (torch) only once the arguments are valid
 
     cmd = args.command
-    if cmd == "compare-trees":  # reaches MLflow, lazily: the only door from tdm/ to tasks/
-        from tasks.tracking import compare_trees, resolve_tracking_uri
-
-        print(compare_trees(resolve_tracking_uri(args.root, args.tracking_uri), args.run, args.n))
-        return 0
-    cfg = None if cmd == "recommend" else load_config(args.params, args.overrides)
     paths = Paths(Path(args.root))
     r = getattr(args, "round", 0)
     if cmd == "prepare":
@@ -166,6 +211,7 @@ def run(argv: list[str] | None = None) -> int:
             Path(args.tree or paths.tree(r)),
             Path(args.out or paths.model(r)),
             init_from=_init_from(args.init_from, r, cfg.rounds.warm_start, paths),
+            fresh=args.fresh,
         )
     elif cmd == "export-embeddings":
         result = stages.export_embeddings(
@@ -185,7 +231,7 @@ def run(argv: list[str] | None = None) -> int:
     elif cmd == "recommend":
         from tdm.recommender import Recommender
 
-        rec = Recommender.load(args.model)
+        rec = Recommender.load(args.model, model_name=cfg.model.name, max_k=cfg.retrieval.max_k)
         items, scores = rec.recommend(
             _history(args.history), args.k, exclude_seen=not args.keep_seen
         )
@@ -229,26 +275,34 @@ def _benchmark(cfg, args: argparse.Namespace) -> None:
     tables = benchmark.write_report(result, out)
     fig4 = result["summary"]["fig4"]
     if fig4:
-        from tasks.figures import layerwise_recall
-
-        try:  # matplotlib comes with the mlops extra; the tables do not need it
-            layerwise_recall(fig4, out / "fig4.png", f"{dataset}: TDM product-DNN, category tree")
-        except ImportError:
-            log.warning("matplotlib not installed: no fig4.png")
+        draw = _plugins(FIGURES).get("layerwise_recall")
+        if draw is None:  # matplotlib comes with the mlops extra; the tables do not need it
+            log.warning("no figure drawer installed (pip install tdm-flow[mlops]): no fig4.png")
+        else:
+            draw(fig4, out / "fig4.png", f"{dataset}: TDM product-DNN, category tree")
     print(tables)
     print(f"wrote {out}/results.json, tables.md")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: known errors become one readable line and exit status 2."""
-    from tdm.data.schema import DataError
-    from tdm.tree import TreeFormatError
-
+    """Console entry point: every expected error becomes one line and exit status 2."""
     try:
         sys.exit(run(argv))
-    except (ConfigError, DataError, TreeFormatError, FileNotFoundError, KeyError) as exc:
-        print(f"tdm: error: {exc}", file=sys.stderr)
+    except _expected_errors() as exc:
+        print(f"tdm: error: {_one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the input's or the environment's fault, never a bug (``tdm.errors``),
+    and files that cannot be read or written."""
+    return (TdmError, OSError)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -7,112 +7,148 @@ a typo in ``params.yaml`` or in a ``--set section.key=value`` override fails lou
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
+from tdm.errors import TdmError
 
-class ConfigError(ValueError):
+
+class ConfigError(TdmError, ValueError):
     """A params file or override that does not match the schema."""
 
 
 @dataclass(frozen=True)
+class Range:
+    """Bounds of a numeric field, checked when the config loads (``Annotated[int, Range(1)]``)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is not allowed
+    high_open: bool = False
+
+    def check(self, value: float, key: str) -> None:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            raise ConfigError(
+                f"{key}: must be {'>' if self.low_open else '>='} {self.low}, got {value!r}"
+            )
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            raise ConfigError(
+                f"{key}: must be {'<' if self.high_open else '<='} {self.high}, got {value!r}"
+            )
+
+
+Count = Annotated[int, Range(0)]  # a count or a seed: >= 0
+Positive = Annotated[int, Range(1)]
+Fraction = Annotated[float, Range(0.0, 1.0)]
+
+# The built-in scorers of tdm.model (a test checks that the two lists agree).
+MODEL_NAMES = ("attention_dnn", "dnn", "product_dnn")
+Source = Literal["synthetic", "movielens", "userbehavior"]
+FilterMode = Literal["none", "items", "categories"]
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    source: str = "userbehavior"
-    path: str | None = "data/synthetic/UserBehavior.csv"
+    source: Source = "userbehavior"
+    path: str | None = "data/UserBehavior.csv"
     min_rating: float = 4.0
-    min_user_behaviors: int = 10
-    n_test_users: int = 100
-    n_valid_users: int = 100
-    max_history: int = 69
-    min_history: int = 1
-    time_windows: int = 10
-    category_rule: str = "first"
-    seed: int = 0
+    min_user_behaviors: Annotated[int, Range(2)] = 10
+    n_test_users: Positive = 100
+    n_valid_users: Count = 100
+    max_history: Positive = 69
+    min_history: Count = 1
+    time_windows: Positive = 10
+    category_rule: Literal["first", "rarest"] = "first"
+    seed: Count = 0
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    n_users: int = 1500
-    n_items: int = 4000
-    n_departments: int = 8
-    n_categories: int = 64
-    interests_per_user: int = 3
-    behaviors_per_user: int = 40
-    drift: float = 0.05
-    zipf_a: float = 1.2
-    noise: float = 0.05
-    days: int = 9
-    start_timestamp: int = 1511539200
-    seed: int = 0
+    n_users: Positive = 1500
+    n_items: Positive = 4000
+    n_departments: Positive = 8
+    n_categories: Positive = 64
+    interests_per_user: Positive = 3
+    behaviors_per_user: Positive = 40
+    drift: Fraction = 0.05
+    zipf_a: Annotated[float, Range(0.0)] = 1.2
+    noise: Fraction = 0.05
+    days: Positive = 9
+    start_timestamp: Count = 1511539200
+    seed: Count = 0
 
 
 @dataclass(frozen=True)
 class TreeConfig:
-    arity: int = 2
-    seed: int = 0
-    kmeans_iters: int = 10
+    arity: Annotated[int, Range(2)] = 2
+    seed: Count = 0
+    kmeans_iters: Positive = 10
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    negatives_per_level: list[int] | None = None
-    total_negatives: int = 100
-    mode: str = "random"
-    seed: int = 0
+    negatives_per_level: list[Count] | None = None
+    total_negatives: Count = 100
+    mode: Literal["random", "siblings"] = "random"
+    seed: Count = 0
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "attention_dnn"
-    embedding_dim: int = 24
-    attention_hidden: int = 36
-    hidden: list[int] = field(default_factory=lambda: [128, 64, 24])
+    embedding_dim: Positive = 24
+    attention_hidden: Positive = 36
+    hidden: list[Positive] = field(default_factory=lambda: [128, 64, 24])
     node_bias: bool = False
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2
-    batch_size: int = 256
-    lr: float = 0.01
-    weight_decay: float = 0.0
+    epochs: Positive = 2
+    batch_size: Annotated[int, Range(2)] = 256  # BatchNorm needs two rows
+    lr: Annotated[float, Range(0.0, low_open=True)] = 0.01
+    weight_decay: Annotated[float, Range(0.0)] = 0.0
     device: str = "auto"
     amp: bool = True
-    num_threads: int = 0
-    seed: int = 0
-    max_samples_per_epoch: int = 0
-    max_samples_per_user: int = 0
-    history_dropout: float = 0.0
+    num_threads: Count = 0
+    seed: Count = 0
+    max_samples_per_epoch: Count = 0
+    max_samples_per_user: Count = 0
+    history_dropout: Annotated[float, Range(0.0, 1.0, high_open=True)] = 0.0
     bucket_by_length: bool = True
     with_eval_history: bool = False
     select_best: bool = True
-    patience: int = 0
+    patience: Count = 0
     progress: bool = True
 
 
 @dataclass(frozen=True)
 class RetrievalConfig:
-    beam_size: int = 10
-    ranking: str = "node"
-    batch_size: int = 256
+    beam_size: Positive = 10
+    ranking: Literal["node", "path"] = "node"
+    batch_size: Positive = 256
+    max_k: Positive = 1000
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    topk: int = 10
-    filters: list[str] = field(default_factory=lambda: ["none", "items", "categories"])
-    split: str = "test"
+    topk: Positive = 10
+    filters: list[FilterMode] = field(default_factory=lambda: ["none", "items", "categories"])
+    split: Literal["test", "valid"] = "test"
     layerwise: bool = True
 
 
 @dataclass(frozen=True)
 class RoundsConfig:
-    count: int = 2
+    count: Positive = 2
     warm_start: bool = True
 
 
@@ -135,6 +171,18 @@ class Config:
 def _check(value: Any, annotation: Any, key: str) -> Any:
     """Return ``value`` converted to ``annotation`` or raise ConfigError naming ``key``."""
     origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        base, *extras = typing.get_args(annotation)
+        value = _check(value, base, key)
+        for extra in extras:
+            if isinstance(extra, Range):
+                extra.check(value, key)
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
@@ -164,6 +212,8 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -175,7 +225,7 @@ def _check(value: Any, annotation: Any, key: str) -> Any:
 def _build_section(cls: type, values: dict[str, Any], section: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -227,36 +277,50 @@ def load_config(path: str | Path = "params.yaml", overrides: list[str] = ()) -> 
         raise ConfigError(f"{path}: {exc}") from None
 
 
-_CHOICES = {
-    ("data", "source"): ("synthetic", "movielens", "userbehavior"),
-    ("data", "category_rule"): ("first", "rarest"),
-    ("sampler", "mode"): ("random", "siblings"),
-    ("retrieval", "ranking"): ("node", "path"),
-    ("eval", "split"): ("test", "valid"),
-}
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+_CUSTOM_MODEL = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+
+def check_model_name(name: str) -> str:
+    """``model.name``: a built-in scorer, or ``pkg.module:Class`` whose module can be found.
+
+    Only the module's location is looked up (its parent packages are imported, the module
+    itself is not), so a typo fails here, in milliseconds, not after preparation.
+    """
+    if name in MODEL_NAMES:
+        return name
+    if not _CUSTOM_MODEL.fullmatch(name):
+        raise ConfigError(
+            f"model.name: {name!r} is not a built-in model ({', '.join(MODEL_NAMES)}) "
+            "nor 'pkg.module:Class'"
+        )
+    module = name.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"model.name: cannot find module {module!r}: {exc}") from None
+    if found is None:
+        raise ConfigError(f"model.name: cannot find module {module!r}")
+    return name
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
-    for (section, key), allowed in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in allowed:
-            raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(allowed)}")
-    for mode in cfg.eval.filters:
-        if mode not in ("none", "items", "categories"):
-            raise ConfigError(f"eval.filters: {mode!r} is not one of none, items, categories")
-    positive = [
-        ("tree", "arity", 2),
-        ("data", "max_history", 1),
-        ("data", "time_windows", 1),
-        ("model", "embedding_dim", 1),
-        ("train", "batch_size", 1),
-        ("retrieval", "beam_size", 1),
-        ("eval", "topk", 1),
-        ("rounds", "count", 1),
-    ]
-    for section, key, low in positive:
-        if getattr(getattr(cfg, section), key) < low:
-            raise ConfigError(f"{section}.{key}: must be >= {low}")
-    if not 0.0 <= cfg.train.history_dropout < 1.0:
-        raise ConfigError("train.history_dropout: must be in [0, 1)")
+    """Checks across fields and of values whose type alone says too little."""
+    if not _DEVICE.fullmatch(cfg.train.device):
+        raise ConfigError(
+            f"train.device: {cfg.train.device!r} is not one of auto, cpu, cuda, cuda:N, mps"
+        )
+    check_model_name(cfg.model.name)
+    if not cfg.model.hidden:
+        raise ConfigError("model.hidden: needs at least one layer")
+    syn = cfg.synthetic
+    if syn.n_categories < syn.n_departments:
+        raise ConfigError("synthetic.n_categories: must be >= synthetic.n_departments")
+    if syn.interests_per_user > syn.n_categories:
+        raise ConfigError("synthetic.interests_per_user: must be <= synthetic.n_categories")
+    if cfg.eval.topk > cfg.retrieval.max_k:
+        raise ConfigError(
+            f"eval.topk: {cfg.eval.topk} is above retrieval.max_k ({cfg.retrieval.max_k})"
+        )
+    if cfg.data.source != "synthetic" and not cfg.data.path:
+        raise ConfigError(f"data.path: must be set for data.source {cfg.data.source!r}")

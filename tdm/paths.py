@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# The files of a model folder (``tdm train``), besides its manifest.
+MODEL_FILE = "model.pt"
+TREE_FILE = "tree.tree"
+ITEMS_FILE = "items.parquet"
+META_FILE = "meta.json"
+TRAIN_LOG_FILE = "train_log.json"
+
 
 @dataclass(frozen=True)
 class Paths:

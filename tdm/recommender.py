@@ -12,9 +12,14 @@ import pandas as pd
 import torch
 
 from tdm.config import RetrievalConfig
+from tdm.errors import TdmError
 from tdm.tree import Tree
 
 log = logging.getLogger(__name__)
+
+
+class RequestError(TdmError, ValueError):
+    """A recommendation request that cannot be answered as asked (bad k, bad history)."""
 
 
 class Recommender:
@@ -27,6 +32,7 @@ class Recommender:
             ``train_count``).
         meta: the prepared metadata (``max_history``, ``window_bounds``, ...).
         device: where to score; default CUDA when present.
+        max_k: the largest ``k`` a caller may ask for (``retrieval.max_k``).
     """
 
     def __init__(
@@ -36,6 +42,7 @@ class Recommender:
         items: pd.DataFrame,
         meta: dict,
         device: str | torch.device | None = None,
+        max_k: int = RetrievalConfig().max_k,
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,6 +51,7 @@ class Recommender:
         self.tree = tree
         self.items = items.sort_values("item_index").reset_index(drop=True)
         self.meta = meta
+        self.max_k = int(max_k)
         self.max_history = int(meta["max_history"])
         self.window_bounds = np.asarray(meta["window_bounds"], dtype=np.int64)
         self._item_ids = self.items["item_id"].to_numpy()
@@ -53,19 +61,30 @@ class Recommender:
         )
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str | torch.device | None = None) -> Recommender:
-        """Load a folder written by ``tdm train`` (``model.pt``, tree, items, meta)."""
-        from tdm.stages import ITEMS_FILE, META_FILE, MODEL_FILE, TREE_FILE
-        from tdm.train import load_checkpoint
+    def load(
+        cls,
+        model_dir: str | Path,
+        device: str | torch.device | None = None,
+        model_name: str | None = None,
+        max_k: int = RetrievalConfig().max_k,
+    ) -> Recommender:
+        """Load a folder written by ``tdm train`` (``model.pt``, tree, items, meta), checked
+        against its manifest (``tdm.checkpoint.open_model_dir``).
 
-        model_dir = Path(model_dir)
-        if not (model_dir / MODEL_FILE).exists():
-            raise FileNotFoundError(f"{model_dir}: no {MODEL_FILE} (not a trained model folder)")
-        model = load_checkpoint(model_dir / MODEL_FILE, map_location="cpu")
-        tree = Tree.load(model_dir / TREE_FILE)
-        items = pd.read_parquet(model_dir / ITEMS_FILE)
-        meta = json.loads((model_dir / META_FILE).read_text())
-        return cls(model, tree, items, meta, device)
+        Args:
+            model_dir: the model folder.
+            device: where to score; default CUDA when present.
+            model_name: the caller's ``model.name``; needed to load a custom model class (a
+                model file never chooses the code it runs, ``tdm.checkpoint.load_checkpoint``).
+            max_k: the largest ``k`` a caller may ask for.
+        """
+        from tdm.checkpoint import load_model_dir
+        from tdm.paths import ITEMS_FILE, META_FILE
+
+        model, tree = load_model_dir(model_dir, "cpu", model_name)
+        items = pd.read_parquet(Path(model_dir) / ITEMS_FILE)
+        meta = json.loads((Path(model_dir) / META_FILE).read_text())
+        return cls(model, tree, items, meta, device, max_k)
 
     # ------------------------------------------------------------------------- id mapping
     def to_index(self, item_ids: np.ndarray) -> np.ndarray:
@@ -94,29 +113,32 @@ class Recommender:
             history: ``(item_id, timestamp)`` pairs, or a DataFrame with ``item_id`` and
                 ``timestamp`` columns. Unknown items are ignored (logged). A missing timestamp
                 (None) puts the behaviour at ``now``, i.e. in the most recent time window.
-            k: number of items.
+            k: number of items, 1..``max_k``; more than the corpus holds gives the whole
+                corpus.
             exclude_seen: leave the history's items out (complemented by popularity).
             now: the time of the request; default the latest timestamp of the history.
         Returns:
-            item ids (k,) int64 and their scores (k,) float (popularity fill-ins score -inf).
+            item ids (n,) int64 and their scores (n,) float (popularity fill-ins score -inf),
+            n = min(k, items not excluded): never padded.
+        Raises:
+            RequestError: k out of range, or an id or timestamp that is not a 64-bit integer.
         """
         from tdm.data.features import make_history
         from tdm.metrics import complement
         from tdm.retrieval import beam_search
 
+        k = self.check_k(k)
         if isinstance(history, pd.DataFrame):
             stamps = history["timestamp"] if "timestamp" in history else [None] * len(history)
             pairs = list(zip(history["item_id"], stamps, strict=True))
         else:
             pairs = list(history)
-        ids = np.array([int(i) for i, _ in pairs], dtype=np.int64)
-        stamps = [t for _, t in pairs]
-        known_times = [int(t) for t in stamps if t is not None and not pd.isna(t)]
+        ids = _int64([i for i, _ in pairs], "item id")
+        stamps = [None if t is None or pd.isna(t) else t for _, t in pairs]
+        known_times = _int64([t for t in stamps if t is not None], "timestamp")
         if now is None:
-            now = max(known_times) if known_times else 0
-        times = np.array(
-            [now if t is None or pd.isna(t) else int(t) for t in stamps], dtype=np.int64
-        )
+            now = int(known_times.max()) if len(known_times) else 0
+        times = _int64([now if t is None else t for t in stamps], "timestamp")
         index = self.to_index(ids)
         if np.any(index < 0):
             log.warning("ignoring %d unknown item ids in the history", int((index < 0).sum()))
@@ -143,7 +165,16 @@ class Recommender:
             device=self.device,
         )
         items, scores = complement(items, exclude, offsets, self._popular, k, scores=scores)
-        return self.to_ids(items[0]), scores[0]
+        keep = items[0] >= 0
+        return self.to_ids(items[0][keep]), scores[0][keep]
+
+    def check_k(self, k: int) -> int:
+        """``k`` capped at the corpus size; RequestError when it is not in 1..``max_k``."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise RequestError(f"k must be a positive integer, got {k!r}")
+        if k > self.max_k:
+            raise RequestError(f"k {k} is above retrieval.max_k ({self.max_k})")
+        return min(int(k), len(self.items))
 
     def ranker(self, cfg: RetrievalConfig):
         """A ranker for ``tdm.evaluation.evaluate_split`` using beam search with ``cfg``."""
@@ -165,3 +196,17 @@ class Recommender:
             )
 
         return rank
+
+
+def _int64(values: Sequence, what: str) -> np.ndarray:
+    """Values as int64, RequestError naming the first one that is not a 64-bit integer."""
+    out = np.empty(len(values), dtype=np.int64)
+    for i, value in enumerate(values):
+        try:
+            number = int(value)
+            if number != value and not isinstance(value, str):
+                raise ValueError
+            out[i] = number
+        except (TypeError, ValueError, OverflowError):
+            raise RequestError(f"{what} {value!r} is not a 64-bit integer") from None
+    return out

@@ -17,16 +17,10 @@ import numpy as np
 
 from tdm.config import Config
 from tdm.io import atomic_dir, write_bytes, write_json
-from tdm.paths import Paths
+from tdm.paths import ITEMS_FILE, META_FILE, MODEL_FILE, TRAIN_LOG_FILE, TREE_FILE, Paths
 from tdm.tree import Tree
 
 log = logging.getLogger(__name__)
-
-MODEL_FILE = "model.pt"
-TREE_FILE = "tree.tree"
-ITEMS_FILE = "items.parquet"
-META_FILE = "meta.json"
-TRAIN_LOG_FILE = "train_log.json"
 
 
 # --------------------------------------------------------------------------------------- data
@@ -42,11 +36,13 @@ def generate(cfg: Config, out: Path) -> dict:
 
 def prepare(cfg: Config, out_dir: Path) -> dict:
     """Load the raw data (``data`` section) and write the prepared folder (Sec. 5.1)."""
+    from tdm.data.checks import check_loaded
     from tdm.data.loaders import load_dataset
     from tdm.data.protocol import prepare as prepare_data
 
     t0 = time.perf_counter()
     frame = load_dataset(cfg.data, cfg.synthetic)
+    check_loaded(frame, cfg.data, cfg.synthetic)  # suspicious data: raise or warn, as GX would
     meta = prepare_data(frame, cfg.data, out_dir)
     log.info("prepared %s in %.1f s", out_dir, time.perf_counter() - t0)
     return meta
@@ -97,6 +93,46 @@ def tree_report(tree: Tree, item_category: np.ndarray | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------------------- model
+# The params that training reads (also the `params` of the train stages in dvc.yaml, a test
+# checks): a checkpoint resumes only under the same values of these, except the few that do not
+# change what is learnt.
+TRAIN_PARAMS = (
+    "model",
+    "sampler",
+    "train",
+    "data.max_history",
+    "data.min_history",
+    "data.time_windows",
+    "eval.topk",
+    "retrieval",
+    "rounds.warm_start",
+)
+NOT_FINGERPRINTED = ("train.progress", "train.num_threads", "train.device")
+
+
+def train_fingerprint(
+    cfg: Config, prepared_dir: Path, tree_path: Path, init_from: Path | None
+) -> dict[str, Any]:
+    """Everything that determines a training run: the params it reads (``TRAIN_PARAMS`` but
+    ``NOT_FINGERPRINTED``) and the hashes of the prepared data, the tree and the start model."""
+    from tdm.io import manifest_digest, sha256_file
+
+    full = cfg.to_dict()
+    params: dict[str, Any] = {}
+    for name in TRAIN_PARAMS:
+        section, _, key = name.partition(".")
+        params[name] = full[section][key] if key else dict(full[section])
+    for name in NOT_FINGERPRINTED:
+        section, _, key = name.partition(".")
+        params[section].pop(key, None)
+    return {
+        "params": params,
+        "prepared": manifest_digest(prepared_dir),
+        "tree": sha256_file(tree_path),
+        "init_from": manifest_digest(init_from) if init_from is not None else None,
+    }
+
+
 def train(
     cfg: Config,
     prepared_dir: Path,
@@ -104,28 +140,45 @@ def train(
     out_dir: Path,
     init_from: Path | None = None,
     callback: Callable[[int, dict], None] | None = None,
+    fresh: bool = False,
 ) -> dict:
     """Train the scorer on a tree (Eq. 4) and write a self-contained model folder.
 
-    The folder holds ``model.pt`` (weights with their config), the tree, the item table and the
-    feature metadata, so ``Recommender.load`` needs nothing else. Per-epoch checkpoints go to
-    ``<out_dir>.ckpt/`` and an interrupted run resumes from there.
+    The folder holds ``model.pt`` (weights with their config), the tree, the item table, the
+    feature metadata, the training log and a manifest of their hashes, so ``Recommender.load``
+    needs nothing else and notices a changed byte. Per-epoch checkpoints go to
+    ``<out_dir>.ckpt/``; an interrupted run resumes from there when nothing that determines
+    training changed (``train_fingerprint``), else it starts fresh and says why.
+
+    Args:
+        cfg: the whole config (training reads ``TRAIN_PARAMS``).
+        prepared_dir, tree_path: the prepared data and the tree to train on.
+        out_dir: the model folder to (over)write.
+        init_from: a model folder to warm-start from (Sec. 3.5), or None.
+        callback: ``callback(epoch, stats)`` after every epoch, with ``valid_recall``.
+        fresh: ignore (and remove) any checkpoint.
+    Returns:
+        The training log (also written as ``train_log.json``).
     """
     import torch
 
+    from tdm.checkpoint import Checkpointer, load_model_dir, save_model
     from tdm.data.protocol import load_prepared
+    from tdm.data.samples import TrainSamples
     from tdm.model import build_model
     from tdm.sampler import LayerwiseSampler, negatives_for_levels
-    from tdm.train import load_checkpoint, save_model, warm_start
     from tdm.train import train as fit
+    from tdm.train import warm_start
 
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
     out_dir = Path(out_dir)
     data = load_prepared(prepared_dir)
     tree = Tree.load(tree_path)
     model = build_model(cfg.model, tree.n_nodes, cfg.data.time_windows, seed=cfg.train.seed)
     if init_from is not None:
-        old_model = load_checkpoint(Path(init_from) / MODEL_FILE)
-        warm_start(model, old_model, Tree.load(Path(init_from) / TREE_FILE), tree)
+        old_model, old_tree = load_model_dir(init_from, model_name=cfg.model.name)
+        warm_start(model, old_model, old_tree, tree)
     negatives = cfg.sampler.negatives_per_level or negatives_for_levels(
         tree.level_sizes, cfg.sampler.total_negatives
     )
@@ -133,18 +186,18 @@ def train(
     source = TrainSamples(
         data, cfg.data.max_history, cfg.data.min_history, cfg.train.with_eval_history
     )
-    ckpt_dir = out_dir.with_name(out_dir.name + ".ckpt")
+    checkpointer = Checkpointer(
+        out_dir.with_name(out_dir.name + ".ckpt"),
+        train_fingerprint(cfg, Path(prepared_dir), Path(tree_path), init_from),
+        cfg.model,
+    )
+    if fresh and checkpointer.last.exists():
+        log.info("--fresh: removing the checkpoints in %s", checkpointer.directory)
+        checkpointer.clear()
     monitor = ValidationMonitor(model, tree, data, cfg, callback)
     t0 = time.perf_counter()
     result = fit(
-        model,
-        tree,
-        source,
-        sampler,
-        cfg.train,
-        checkpoint_dir=ckpt_dir,
-        callback=monitor,
-        resume=True,
+        model, tree, source, sampler, cfg.train, checkpointer=checkpointer, callback=monitor
     )
     seconds = time.perf_counter() - t0
     best_epoch = len(result.losses) - 1
@@ -159,6 +212,7 @@ def train(
         shutil.copy2(Path(prepared_dir) / META_FILE, tmp / META_FILE)
         summary = {
             "epochs": cfg.train.epochs,
+            "epochs_run": len(result.losses),
             "losses": list(result.losses),
             "samples": source.n_samples,
             "valid_recall": monitor.history,
@@ -169,7 +223,7 @@ def train(
             "torch": torch.__version__,
         }
         write_json(tmp / TRAIN_LOG_FILE, summary)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    checkpointer.clear()
     return summary
 
 
@@ -177,7 +231,8 @@ class ValidationMonitor:
     """The trainer's epoch callback: Recall@M of the validation users (beam search, no
     filtering) after every epoch. Keeps the best weights (``train.select_best``) and asks the
     trainer to stop after ``train.patience`` epochs without improvement. Test users are never
-    looked at. After a resumed run, the best epoch is chosen among the epochs run since."""
+    looked at. Its state is checkpointed with the weights, so a resumed run picks the best epoch
+    among all epochs."""
 
     def __init__(self, model, tree: Tree, data, cfg: Config, callback=None) -> None:
         self.model, self.tree, self.data, self.cfg, self.callback = model, tree, data, cfg, callback
@@ -212,65 +267,26 @@ class ValidationMonitor:
         patience = self.cfg.train.patience
         return patience > 0 and len(self.history) - 1 - self.best_epoch >= patience
 
+    def state_dict(self) -> dict:
+        return {
+            "history": list(self.history),
+            "best_epoch": self.best_epoch,
+            "best": self.best_state,
+        }
 
-class TrainSamples:
-    """Training samples derived from the prepared CSR sequences (the trainer's sample source).
-
-    Every position with at least ``min_history`` earlier behaviours of its user is a sample; its
-    features are the at most ``max_history`` behaviours before it, split into time windows.
-    """
-
-    def __init__(
-        self, data, max_history: int, min_history: int, with_eval_history: bool = False
-    ) -> None:
-        from tdm.data.protocol import TrainSplit, training_positions
-
-        self.split = data.train
-        if with_eval_history:  # the known first halves of the evaluation users join training
-            evals = (data.valid, data.test)
-            self.split = TrainSplit(
-                users=np.concatenate([data.train.users, *(e.users for e in evals)]),
-                items=np.concatenate([data.train.items, *(e.hist_items for e in evals)]),
-                times=np.concatenate([data.train.times, *(e.hist_times for e in evals)]),
-                offsets=_concat_offsets([data.train.offsets, *(e.hist_offsets for e in evals)]),
-            )
-        self.max_history = max_history
-        self.window_bounds = data.window_bounds
-        self.positions = training_positions(self.split, min_history)
-        self.n_samples = len(self.positions)
-        offsets = self.split.offsets
-        self.users = np.searchsorted(offsets, self.positions, side="right") - 1  # (n_samples,)
-        starts = offsets[:-1][self.users]
-        self.lengths = np.minimum(self.positions - starts, max_history)  # (n_samples,)
-
-    def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Histories (right-aligned) trimmed to the longest one in the batch."""
-        from tdm.data.features import train_batch
-
-        hist, windows, targets = train_batch(
-            self.split, self.positions[index], self.max_history, self.window_bounds
-        )
-        width = max(int(self.lengths[index].max()), 1)
-        return hist[:, -width:], windows[:, -width:], targets
-
-
-def _concat_offsets(parts: list[np.ndarray]) -> np.ndarray:
-    """CSR offsets of the concatenation of several CSR arrays."""
-    out, base = [np.zeros(1, dtype=np.int64)], 0
-    for offsets in parts:
-        out.append(offsets[1:] + base)
-        base += offsets[-1]
-    return np.concatenate(out)
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
+        self.best_epoch = int(state["best_epoch"])
+        self.best_state = state["best"]
 
 
 def export_embeddings(model_dir: Path, out_path: Path) -> dict:
     """Write the trained item (leaf) embeddings, (n_items, d) float32 in item-index order."""
     import io
 
-    from tdm.train import load_checkpoint
+    from tdm.checkpoint import load_model_dir
 
-    model = load_checkpoint(Path(model_dir) / MODEL_FILE)
-    tree = Tree.load(Path(model_dir) / TREE_FILE)
+    model, tree = load_model_dir(model_dir)
     emb = model.embedding.weight.detach().float().cpu().numpy()[: tree.n_items]
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(emb, dtype=np.float32))

@@ -1,4 +1,4 @@
-"""Training loop for the scorers (Sec. 3.3, Eq. 4), checkpoints, resume and warm start.
+"""Training loop for the scorers (Sec. 3.3, Eq. 4), with resume (``tdm.checkpoint``) and warm start.
 
 The trainer knows nothing about the data module: it takes a *sample source*, any object with
 
@@ -10,20 +10,18 @@ The trainer knows nothing about the data module: it takes a *sample source*, any
   ``users`` (n_samples,) the user of every sample (for ``train.max_samples_per_user``).
 
 Every epoch draws a permutation of the sample positions from ``(train.seed, epoch)`` and reseeds
-the sampler from ``(sampler seed, train.seed, epoch)``, so a run resumed from ``last.pt`` ends with
-exactly the weights of an uninterrupted run (bit for bit on CPU).
+the sampler from ``(sampler seed, train.seed, epoch)``, so a run resumed from a checkpoint ends
+with exactly the weights of an uninterrupted run (bit for bit on CPU).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -32,9 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from tdm.config import Config, ModelConfig, TrainConfig
-from tdm.io import save_torch
-from tdm.model import build_model
+from tdm.checkpoint import Checkpointer, Progress
+from tdm.config import ConfigError, TrainConfig
 from tdm.sampler import LayerwiseSampler
 from tdm.tree import Tree
 
@@ -68,10 +65,29 @@ class TrainResult:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None -> CUDA when available, else CPU; anything else as given."""
+    """``"auto"``/None -> CUDA when available, else CPU; anything else as given, checked.
+
+    Raises:
+        ConfigError: a CUDA device that this machine or this torch build does not have.
+    """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"train.device: {device!r} is not a torch device") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(
+                f"train.device: {device!r}, but torch {torch.__version__} sees no CUDA device "
+                "(use auto or cpu)"
+            )
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"train.device: {device!r}, but this machine has {count} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device: {device!r}, but MPS is not available")
+    return dev
 
 
 def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -87,10 +103,6 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -
         logits.float(), labels, weight=weight, reduction="sum"
     )
     return loss / weight.sum().clamp_min(1.0)
-
-
-def _seed_int(*keys: int) -> int:
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def _prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -246,63 +258,6 @@ def _batches(
         )
 
 
-def _model_meta(model: nn.Module, model_config: ModelConfig | None) -> dict[str, Any]:
-    cfg = model_config if model_config is not None else getattr(model, "cfg", None)
-    if not isinstance(cfg, ModelConfig):
-        raise ValueError("checkpointing needs the ModelConfig: pass model_config= to train")
-    return {
-        "model_name": cfg.name,
-        "model_config": dataclasses.asdict(cfg),
-        "n_embeddings": int(model.embedding.num_embeddings),
-        "time_windows": int(model.time_windows),
-    }
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict (on CPU), checking its format version."""
-    path = Path(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a tdm checkpoint of format {CHECKPOINT_FORMAT}")
-    return ckpt
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model stored in a checkpoint or model file from the file alone.
-
-    Args:
-        path: ``epoch_<e>.pt``/``last.pt`` written by ``train``, or a file from ``save_model``.
-        map_location: where to put the model.
-    Returns:
-        The model with its trained weights, in eval mode.
-    """
-    ckpt = read_checkpoint(path)
-    cfg = ModelConfig(**ckpt["model_config"])
-    model = build_model(cfg, ckpt["n_embeddings"], ckpt["time_windows"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(map_location).eval()
-
-
-def save_model(model: nn.Module, path: str | Path, cfg: Config | ModelConfig | None = None) -> None:
-    """Write the weights with the config needed to rebuild them (``load_checkpoint``), atomically.
-
-    Args:
-        model: a scorer.
-        path: the file to write.
-        cfg: the whole Config (stored as ``config``) or just the ModelConfig; default
-            ``model.cfg``.
-    """
-    model_cfg = cfg.model if isinstance(cfg, Config) else cfg
-    obj = {
-        "format": CHECKPOINT_FORMAT,
-        **_model_meta(model, model_cfg),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    if isinstance(cfg, Config):
-        obj["config"] = cfg.to_dict()
-    save_torch(obj, Path(path))
-
-
 def train(
     model: nn.Module,
     tree: Tree,
@@ -310,13 +265,14 @@ def train(
     sampler: LayerwiseSampler,
     cfg: TrainConfig,
     *,
-    checkpoint_dir: str | Path | None = None,
-    callback: Callable[[int, dict[str, float]], None] | None = None,
+    checkpointer: Checkpointer | None = None,
+    callback: Callable[[int, dict[str, float]], bool | None] | None = None,
     device: str | torch.device | None = None,
-    resume: bool = False,
-    model_config: ModelConfig | None = None,
 ) -> TrainResult:
     """Train ``model`` on the sampler's (user, node) pairs with Eq. 4 and Adam.
+
+    Thread count and global seeding are the caller's: this function draws every random number
+    from generators seeded by ``(cfg.seed, epoch)`` and the sampler's seed.
 
     Args:
         model: a scorer (``tdm.model`` protocol); trained in place and left on ``device``.
@@ -324,49 +280,28 @@ def train(
         sample_source: see the module docstring.
         sampler: the layer-wise sampler (reseeded every epoch).
         cfg: the ``train`` section.
-        checkpoint_dir: if given, ``epoch_<e>.pt`` (e = 1-based count of finished epochs) and
-            ``last.pt`` are written after every epoch, atomically.
+        checkpointer: if given, training resumes from its newest checkpoint when that was
+            written by the same run (same fingerprint), and a checkpoint is written after every
+            epoch (after the callback, so the callback's ``state_dict`` is saved with it).
         callback: ``callback(epoch, stats)`` after each epoch (0-based epoch, stats as in
-            ``TrainResult.stats``); returning True stops training (early stopping).
+            ``TrainResult.stats``); returning True stops training (early stopping). A callback
+            with ``state_dict``/``load_state_dict`` is checkpointed and resumed too.
         device: overrides ``cfg.device`` (``"auto"``: CUDA when available).
-        resume: continue from ``checkpoint_dir/last.pt`` when it exists.
-        model_config: the ModelConfig written into checkpoints (default ``model.cfg``).
     Returns:
-        TrainResult with per-epoch losses and throughput.
+        TrainResult with per-epoch losses and throughput (epochs before a resume included).
     """
     dev = resolve_device(device if device is not None else cfg.device)
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
     model.to(dev)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = TrainStep(model, optimizer, dev, cfg.amp)
-    scaler = step.scaler
     node_rows = torch.as_tensor(tree.embedding_rows(), dtype=torch.int64, device=dev)  # (n_nodes,)
-    meta = _model_meta(model, model_config) if checkpoint_dir is not None else None
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-
-    result = TrainResult(device=str(dev))
-    start_epoch = 0
-    if resume and ckpt_dir is not None and (ckpt_dir / "last.pt").exists():
-        ckpt = read_checkpoint(ckpt_dir / "last.pt")
-        if ckpt["model_name"] != meta["model_name"] or ckpt["n_embeddings"] != meta["n_embeddings"]:
-            raise ValueError(
-                f"{ckpt_dir / 'last.pt'}: holds {ckpt['model_name']} with "
-                f"{ckpt['n_embeddings']} embeddings, not {meta['model_name']} with "
-                f"{meta['n_embeddings']}"
-            )
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        start_epoch = int(ckpt["epoch"])
-        result.losses = list(ckpt["losses"])
-        result.stats = list(ckpt["stats"])
-        logger.info("resumed from %s after epoch %d", ckpt_dir / "last.pt", start_epoch)
+    progress = Progress()
+    if checkpointer is not None:
+        progress = checkpointer.resume(model, optimizer, step.scaler, callback)
+    result = TrainResult(list(progress.losses), list(progress.stats), str(dev))
 
     n = int(sample_source.n_samples)
-    for epoch in range(start_epoch, cfg.epochs):
+    for epoch in range(progress.epoch, cfg.epochs):
         model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         if cfg.max_samples_per_user > 0:
@@ -378,85 +313,83 @@ def train(
             rng = np.random.default_rng([cfg.seed, epoch, 1])
             order = bucket_by_length(order, np.asarray(lengths), cfg.batch_size, rng)
         sampler.reseed(cfg.seed, epoch)
-        torch.manual_seed(_seed_int(cfg.seed, epoch))
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=dev)
-        n_pairs = torch.zeros((), device=dev, dtype=torch.int64)
-        n_batches = 0
-        bar = tqdm(
-            total=len(order),
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            unit="sample",
-            disable=not cfg.progress,
-            leave=False,
+        stats = _epoch(
+            step,
+            _batches(
+                sample_source,
+                sampler,
+                order,
+                cfg.batch_size,
+                cfg.history_dropout,
+                np.random.default_rng([cfg.seed, epoch, 2]),
+            ),
+            node_rows,
+            dev,
+            f"epoch {epoch + 1}/{cfg.epochs}",
+            len(order),
+            cfg.progress,
         )
-        batches = _batches(
-            sample_source,
-            sampler,
-            order,
-            cfg.batch_size,
-            cfg.history_dropout,
-            np.random.default_rng([cfg.seed, epoch, 2]),
-        )
-        if dev.type != "cpu":  # overlap sampling with the device; on CPU it would steal a core
-            batches = _prefetch(batches)
-        for hist, windows, nodes, labels, mask in batches:
-            hist = hist.to(dev, non_blocking=True)  # (B, L)
-            windows = windows.to(dev, non_blocking=True)  # (B, L)
-            rows = node_rows[nodes.to(dev, non_blocking=True)]  # (B, S)
-            labels = labels.to(dev, non_blocking=True)  # (B, S)
-            mask = mask.to(dev, non_blocking=True)  # (B, S)
-            loss_sum += step(hist, windows, rows, labels, mask)
-            n_pairs += mask.sum()
-            n_batches += 1
-            bar.update(len(hist))
-            if cfg.progress and n_batches % 20 == 1:
-                bar.set_postfix(loss=f"{loss_sum.item() / n_batches:.4f}")
-        bar.close()
-        seconds = time.perf_counter() - t0
-        mean_loss = loss_sum.item() / max(n_batches, 1)
-        pairs = int(n_pairs.item())
-        stats = {
-            "epoch": epoch,
-            "loss": mean_loss,
-            "samples": len(order),
-            "pairs": pairs,
-            "seconds": seconds,
-            "samples_per_s": len(order) / max(seconds, 1e-9),
-            "pairs_per_s": pairs / max(seconds, 1e-9),
-        }
-        result.losses.append(mean_loss)
+        stats["epoch"] = epoch
+        result.losses.append(stats["loss"])
         result.stats.append(stats)
         logger.info(
             "epoch %d/%d loss %.4f, %.0f samples/s, %.0f pairs/s",
             epoch + 1,
             cfg.epochs,
-            mean_loss,
+            stats["loss"],
             stats["samples_per_s"],
             stats["pairs_per_s"],
         )
-        if ckpt_dir is not None:
-            ckpt = {
-                "format": CHECKPOINT_FORMAT,
-                **meta,
-                "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "epoch": epoch + 1,
-                "train_config": dataclasses.asdict(cfg),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "sampler": sampler.rng.bit_generator.state,
-                },
-                "losses": list(result.losses),
-                "stats": list(result.stats),
-            }
-            save_torch(ckpt, ckpt_dir / f"epoch_{epoch + 1}.pt")
-            save_torch(ckpt, ckpt_dir / "last.pt")
-        if callback is not None and callback(epoch, stats):
+        stop = bool(callback(epoch, stats)) if callback is not None else False
+        if checkpointer is not None:
+            done = Progress(epoch + 1, result.losses, result.stats)
+            checkpointer.save(done, model, optimizer, step.scaler, callback)
+        if stop:
             logger.info("stopping after epoch %d: the callback asked to stop", epoch + 1)
             break
     return result
+
+
+def _epoch(
+    step: TrainStep,
+    batches: Iterator[tuple[torch.Tensor, ...]],
+    node_rows: torch.Tensor,
+    dev: torch.device,
+    desc: str,
+    n_samples: int,
+    show: bool,
+) -> dict[str, float]:
+    """One pass over ``batches``; returns the epoch's loss and throughput."""
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), device=dev)
+    n_pairs = torch.zeros((), device=dev, dtype=torch.int64)
+    n_batches = 0
+    bar = tqdm(total=n_samples, desc=desc, unit="sample", disable=not show, leave=False)
+    if dev.type != "cpu":  # overlap sampling with the device; on CPU it would steal a core
+        batches = _prefetch(batches)
+    for hist, windows, nodes, labels, mask in batches:
+        hist = hist.to(dev, non_blocking=True)  # (B, L)
+        windows = windows.to(dev, non_blocking=True)  # (B, L)
+        rows = node_rows[nodes.to(dev, non_blocking=True)]  # (B, S)
+        labels = labels.to(dev, non_blocking=True)  # (B, S)
+        mask = mask.to(dev, non_blocking=True)  # (B, S)
+        loss_sum += step(hist, windows, rows, labels, mask)
+        n_pairs += mask.sum()
+        n_batches += 1
+        bar.update(len(hist))
+        if show and n_batches % 20 == 1:
+            bar.set_postfix(loss=f"{loss_sum.item() / n_batches:.4f}")
+    bar.close()
+    seconds = time.perf_counter() - t0
+    pairs = int(n_pairs.item())
+    return {
+        "loss": loss_sum.item() / max(n_batches, 1),
+        "samples": n_samples,
+        "pairs": pairs,
+        "seconds": seconds,
+        "samples_per_s": n_samples / max(seconds, 1e-9),
+        "pairs_per_s": pairs / max(seconds, 1e-9),
+    }
 
 
 @torch.no_grad()

@@ -6,17 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from tdm.config import Config, ModelConfig, TrainConfig
+from tdm.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+    save_model,
+)
+from tdm.config import Config, ConfigError, ModelConfig, TrainConfig
 from tdm.model import build_model
 from tdm.sampler import LayerwiseSampler, negatives_for_levels
 from tdm.train import (
     _batches,
     _prefetch,
     cap_per_user,
-    load_checkpoint,
     masked_bce,
-    read_checkpoint,
-    save_model,
+    resolve_device,
     train,
     warm_start,
 )
@@ -100,46 +105,79 @@ def test_training_learns_the_cluster_structure(tree, name):
     assert auc > 0.85
 
 
+def checkpointer(path, name="attention_dnn", **fingerprint) -> Checkpointer:
+    return Checkpointer(path, {"run": "a", **fingerprint}, ModelConfig(name=name, **SMALL))
+
+
+class Killed(Exception):
+    pass
+
+
+class DiesInEpoch(ClusterSamples):
+    """Raises while serving a batch of epoch ``die_in`` (0-based), as a kill mid-epoch would."""
+
+    def __init__(self, n: int, seed: int, die_in: int) -> None:
+        super().__init__(n, seed)
+        self.epochs_started, self.die_in, self._seen = 0, die_in, set()
+
+    def batch(self, positions):
+        if len(self._seen) == self.n_samples:  # every sample served: a new epoch began
+            self.epochs_started += 1
+            self._seen = set()
+        self._seen.update(positions.tolist())
+        if self.epochs_started == self.die_in:
+            raise Killed
+        return super().batch(positions)
+
+
+class Recorder:
+    """An epoch callback with state, like the validation monitor."""
+
+    def __init__(self):
+        self.seen: list[int] = []
+
+    def __call__(self, epoch, stats):
+        self.seen.append(epoch)
+
+    def state_dict(self):
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state):
+        self.seen = list(state["seen"])
+
+
 def test_resume_equals_uninterrupted_bit_for_bit(tree, tmp_path):
-    data = ClusterSamples(400, seed=1)
     cfg = config(epochs=3, batch_size=50)
 
     full, sampler = make(tree)
-    uninterrupted = train(full, tree, data, sampler, cfg, checkpoint_dir=tmp_path / "a")
-
-    class Interrupt(Exception):
-        pass
-
-    def stop_after_first(epoch, stats):
-        if epoch == 0:
-            raise Interrupt
+    uninterrupted = train(full, tree, ClusterSamples(400, seed=1), sampler, cfg)
 
     first, sampler = make(tree)
-    with pytest.raises(Interrupt):
+    recorder = Recorder()
+    with pytest.raises(Killed):  # dies in the second epoch, after epoch 1's checkpoint
         train(
             first,
             tree,
-            data,
+            DiesInEpoch(400, seed=1, die_in=1),
             sampler,
             cfg,
-            checkpoint_dir=tmp_path / "b",
-            callback=stop_after_first,
+            checkpointer=checkpointer(tmp_path),
+            callback=recorder,
         )
-    assert read_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    assert read_checkpoint(tmp_path / "last.pt")["epoch"] == 1
 
     resumed, sampler = make(tree, seed=123)  # different init: everything comes from last.pt
-    seen = []
+    recorder = Recorder()
     result = train(
         resumed,
         tree,
-        data,
+        ClusterSamples(400, seed=1),
         sampler,
         cfg,
-        checkpoint_dir=tmp_path / "b",
-        resume=True,
-        callback=lambda e, s: seen.append(e),
+        checkpointer=checkpointer(tmp_path),
+        callback=recorder,
     )
-    assert seen == [1, 2]
+    assert recorder.seen == [0, 1, 2]  # the callback's state came back with the weights
     assert result.losses == uninterrupted.losses
     for (key, a), (_, b) in zip(
         full.state_dict().items(), resumed.state_dict().items(), strict=True
@@ -147,25 +185,49 @@ def test_resume_equals_uninterrupted_bit_for_bit(tree, tmp_path):
         assert torch.equal(a, b), key
 
 
+def test_a_checkpoint_of_another_run_is_not_resumed(tree, tmp_path, caplog):
+    """Another fingerprint (say train.lr changed after a kill): start fresh and say what
+    differs; the run then equals a run that never had a checkpoint."""
+    with pytest.raises(Killed):
+        model, sampler = make(tree)
+        train(
+            model,
+            tree,
+            DiesInEpoch(300, seed=1, die_in=1),
+            sampler,
+            config(epochs=2, lr=0.01),
+            checkpointer=checkpointer(tmp_path, lr=0.01),
+        )
+    assert (tmp_path / "last.pt").exists()
+
+    fresh, sampler = make(tree)
+    expected = train(fresh, tree, ClusterSamples(300, seed=1), sampler, config(epochs=2, lr=0.001))
+    model, sampler = make(tree)
+    with caplog.at_level("WARNING", logger="tdm.checkpoint"):
+        result = train(
+            model,
+            tree,
+            ClusterSamples(300, seed=1),
+            sampler,
+            config(epochs=2, lr=0.001),
+            checkpointer=checkpointer(tmp_path, lr=0.001),
+        )
+    assert "written by another run (lr 0.01 -> 0.001); starting fresh" in caplog.text
+    assert len(result.losses) == 2 and result.losses == expected.losses
+    assert read_checkpoint(tmp_path / "last.pt")["fingerprint"]["lr"] == 0.001
+
+
 def test_checkpoints_files_and_load_checkpoint(tree, tmp_path):
     data = ClusterSamples(200, seed=2)
     model, sampler = make(tree, "dnn")
-    train(model, tree, data, sampler, config(epochs=2), checkpoint_dir=tmp_path)
+    train(model, tree, data, sampler, config(epochs=2), checkpointer=checkpointer(tmp_path, "dnn"))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["epoch_1.pt", "epoch_2.pt", "last.pt"]  # no temp files left behind
+    assert (tmp_path / "last.pt").samefile(tmp_path / "epoch_2.pt")
     ckpt = read_checkpoint(tmp_path / "last.pt")
-    for key in (
-        "model_name",
-        "model_config",
-        "n_embeddings",
-        "time_windows",
-        "optimizer",
-        "train_config",
-        "rng",
-        "losses",
-        "epoch",
-    ):
+    for key in ("model_config", "n_embeddings", "time_windows", "optimizer", "fingerprint"):
         assert key in ckpt
+    assert "rng" not in ckpt and "train_config" not in ckpt  # dead fields are gone
     assert ckpt["model_name"] == "dnn" and ckpt["epoch"] == 2 and len(ckpt["losses"]) == 2
 
     loaded = load_checkpoint(tmp_path / "last.pt")
@@ -184,10 +246,38 @@ def test_checkpoints_files_and_load_checkpoint(tree, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(hist, windows, node_rows), model(hist, windows, node_rows))
 
-    with pytest.raises(ValueError, match="checkpoint"):
-        (tmp_path / "junk.pt").write_bytes(b"")
-        torch.save({"x": 1}, tmp_path / "junk.pt")
+    torch.save({"x": 1}, tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="junk.pt: not a tdm model file"):
         read_checkpoint(tmp_path / "junk.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a zip at all")
+    with pytest.raises(CheckpointError, match="garbage.pt: not a readable model file"):
+        read_checkpoint(tmp_path / "garbage.pt")
+
+
+def test_a_model_file_never_chooses_the_code_it_imports(tree, tmp_path, monkeypatch):
+    """A crafted model.pt naming a module must not import it unless the caller's own params name
+    the same class."""
+    model, _ = make(tree, "dnn")
+    save_model(model, tmp_path / "model.pt", ModelConfig(name="dnn", **SMALL))
+    ckpt = read_checkpoint(tmp_path / "model.pt")
+    ckpt["model_config"]["name"] = ckpt["model_name"] = "this:Anything"
+    torch.save(ckpt, tmp_path / "evil.pt")
+    import sys
+
+    monkeypatch.delitem(sys.modules, "this", raising=False)
+    with pytest.raises(CheckpointError, match="custom model class 'this:Anything'"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert "this" not in sys.modules  # `import this` never ran
+
+
+def test_a_device_this_machine_lacks_is_a_config_error():
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="GPU"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(ConfigError, match="sees no CUDA device"):
+            resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
 
 
 def test_max_samples_per_epoch_caps_the_epoch(tree):

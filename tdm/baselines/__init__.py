@@ -231,7 +231,7 @@ def _epoch_groups(name: str, points: list[dict]) -> list[list[int]]:
 def interactions(data: Prepared, with_eval_history: bool = True) -> TrainSplit:
     """All known behaviours as one CSR: the training users, then (``with_eval_history``) the
     known first halves of the validation users, then of the test users (the order of
-    ``tdm.stages.TrainSamples``). Ground truth is never included.
+    ``tdm.data.samples.TrainSamples``). Ground truth is never included.
 
     Returns:
         A :class:`~tdm.data.protocol.TrainSplit`; row ``r`` of split ``s`` is row

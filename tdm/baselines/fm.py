@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdm.baselines import model_meta, rank_dense
+from tdm.data.samples import TrainSamples
 
 if TYPE_CHECKING:
     from tdm.data.protocol import Prepared
@@ -112,7 +113,7 @@ class FM:
     def fit(
         self, data: Prepared, seed: int = 0, callback: Callable[[int, FM], None] | None = None
     ) -> FM:
-        """Train on every position with an earlier behaviour (``tdm.stages.TrainSamples``).
+        """Train on every position with an earlier behaviour (``tdm.data.samples.TrainSamples``).
 
         Args:
             data: the prepared data.
@@ -120,7 +121,6 @@ class FM:
             callback: ``callback(epoch, self)`` after each epoch (0-based); ``self.ranker()``
                 then ranks with the weights of that epoch.
         """
-        from tdm.stages import TrainSamples
         from tdm.train import resolve_device
 
         device = resolve_device(self.device)

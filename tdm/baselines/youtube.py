@@ -4,7 +4,7 @@ The same inputs as TDM: the at most ``max_history`` behaviours before a target, 
 averaged per time window, the W window vectors concatenated and fed through FC layers to a user
 vector ``u``; the preference for item i is ``<u, e_i>``. The network is TDM's own product-DNN
 (``tdm.model.ProductDNN``) over an item-only embedding table; the training samples are TDM's
-(``tdm.stages.TrainSamples``). Training is sampled softmax: each target competes with
+(``tdm.data.samples.TrainSamples``). Training is sampled softmax: each target competes with
 ``negatives`` items drawn uniformly for the batch (shared by its samples; a draw equal to a
 sample's target is masked out for that sample; uniform proposals need no log-Q correction).
 Prediction is exact kNN in inner-product space: ``u`` against every item embedding, torch top-k.
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tdm.baselines import model_meta, rank_dense
+from tdm.data.samples import TrainSamples
 
 if TYPE_CHECKING:
     from tdm.data.protocol import Prepared
@@ -80,7 +81,6 @@ class YouTubeDNN:
         """
         from tdm.config import ModelConfig
         from tdm.model import build_model
-        from tdm.stages import TrainSamples
         from tdm.train import resolve_device
 
         device = resolve_device(self.device)
