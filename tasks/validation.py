@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from tdm.data import checks
 from tdm.data.schema import BEHAVIOR_TYPES, COLUMNS, ID_COLUMNS
+from tdm.errors import TdmError
 
 if TYPE_CHECKING:
     from great_expectations import ExpectationSuite
@@ -89,7 +91,7 @@ class ValidationReport:
         return "\n".join(lines) + "\n"
 
 
-class ValidationFailed(Exception):
+class ValidationFailed(TdmError):
     """Data that failed validation; ``report`` holds the full :class:`ValidationReport`."""
 
     def __init__(self, report: ValidationReport) -> None:
@@ -125,20 +127,26 @@ def require(report: ValidationReport) -> ValidationReport:
 # ------------------------------------------------------------------------------------- suites
 def raw_suite(
     window: tuple[int, int] | None = None,
-    outlier_fraction: float = 0.01,
-    duplicate_fraction: float = 0.01,
+    outlier_fraction: float = checks.OUTLIER_FRACTION,
+    duplicate_fraction: float = checks.DUPLICATE_FRACTION,
+    now: float | None = None,
 ) -> ExpectationSuite:
     """Expectations on a canonical behaviour table (``tdm.data.schema``).
 
     Columns exactly :data:`COLUMNS` in that order; no nulls; ids >= 0; behaviour types in
-    :data:`BEHAVIOR_TYPES`; timestamps within ``window`` (inclusive) for at least
-    ``1 - outlier_fraction`` of the rows; at most ``duplicate_fraction`` of the rows belong to a
-    group of identical rows (both copies of a duplicated row count).
+    :data:`BEHAVIOR_TYPES`; timestamps within ``window`` (inclusive; without a window, between 0
+    and now) for at least ``1 - outlier_fraction`` of the rows; at most ``duplicate_fraction`` of
+    the rows belong to a group of identical rows (both copies of a duplicated row count).
+
+    The last two are the suspicious-data findings of :mod:`tdm.data.checks`, which ``tdm prepare``
+    runs without GX: bounds, tolerances and the pass rule come from there, so both give the same
+    verdict on the same data.
 
     Args:
-        window: ``(first, last)`` Unix seconds, or None for no time check.
-        outlier_fraction: tolerated share of timestamps outside ``window``.
+        window: ``(first, last)`` Unix seconds (``tdm.data.checks.expected_window``), or None.
+        outlier_fraction: tolerated share of timestamps out of bounds.
         duplicate_fraction: tolerated share of rows that are exact duplicates.
+        now: Unix seconds taken as the present (the bound without a window); default the clock.
 
     Returns:
         The suite (not registered with any context).
@@ -156,18 +164,18 @@ def raw_suite(
     suite.add_expectation(
         gxe.ExpectColumnValuesToBeInSet(column="behavior_type", value_set=list(BEHAVIOR_TYPES))
     )
-    if window is not None:
-        suite.add_expectation(
-            gxe.ExpectColumnValuesToBeBetween(
-                column="timestamp",
-                min_value=int(window[0]),
-                max_value=int(window[1]),
-                mostly=1.0 - outlier_fraction,
-            )
+    lowest, highest = checks.timestamp_bounds(window, now)
+    suite.add_expectation(
+        gxe.ExpectColumnValuesToBeBetween(
+            column="timestamp",
+            min_value=lowest,
+            max_value=highest,
+            mostly=checks.mostly(outlier_fraction),
         )
+    )
     suite.add_expectation(
         gxe.ExpectCompoundColumnsToBeUnique(
-            column_list=list(COLUMNS), mostly=1.0 - duplicate_fraction
+            column_list=list(COLUMNS), mostly=checks.mostly(duplicate_fraction)
         )
     )
     return suite
@@ -267,20 +275,21 @@ def validate_raw(
     df: pd.DataFrame,
     source_name: str,
     window: tuple[int, int] | None = None,
-    outlier_fraction: float = 0.01,
-    duplicate_fraction: float = 0.01,
+    outlier_fraction: float = checks.OUTLIER_FRACTION,
+    duplicate_fraction: float = checks.DUPLICATE_FRACTION,
+    now: float | None = None,
 ) -> ValidationReport:
     """Run :func:`raw_suite` on a behaviour table.
 
     Args:
         df: the behaviour table (not modified).
         source_name: the file or table name shown in the report.
-        window, outlier_fraction, duplicate_fraction: see :func:`raw_suite`.
+        window, outlier_fraction, duplicate_fraction, now: see :func:`raw_suite`.
 
     Returns:
         The report; call :func:`require` to raise on failure.
     """
-    suite = raw_suite(window, outlier_fraction, duplicate_fraction)
+    suite = raw_suite(window, outlier_fraction, duplicate_fraction, now)
     return _run(source_name, {"behaviors": (df, suite)})
 
 

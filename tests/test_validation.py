@@ -13,7 +13,9 @@ from tasks.validation import (
     validate_raw,
 )
 from tdm.config import DataConfig, SyntheticConfig
+from tdm.data import checks
 from tdm.data.protocol import load_prepared, prepare
+from tdm.data.schema import COLUMNS, DataError
 from tdm.data.synthetic import generate
 from tdm.tree_build import category_tree
 
@@ -174,3 +176,98 @@ def test_history_length_bound(prepared):
     assert validate_prepared(prepared, tree, max_history=longest).success
     report = validate_prepared(prepared, tree, max_history=longest - 1)
     assert_fails(report, "expect_column_values_to_be_between", "history_length")
+
+
+# ------------------------------------------------------- same verdict as tdm.data.checks
+NOW = 1_700_000_000  # 2023-11-14: the "present" of both sides
+
+
+def _last_tolerated(total: int, tolerance: float) -> int:
+    """The most offending rows of ``total`` that ``tolerance`` still allows."""
+    return max(k for k in range(total + 1) if not checks.exceeds(k, total, tolerance))
+
+
+def _late(good, window, rows):
+    broken = good.copy()
+    broken.loc[: rows - 1, "timestamp"] = window[1] + 1
+    return broken
+
+
+def _negative(good, rows):
+    broken = good.copy()
+    broken.loc[: rows - 1, "timestamp"] = -broken.loc[: rows - 1, "timestamp"]
+    return broken
+
+
+def _with_copies(good, copies):
+    # copies of rows that have no duplicate yet: each adds two duplicated rows
+    single = np.flatnonzero(~good.duplicated(keep=False).to_numpy())[:copies]
+    return pd.concat([good, good.iloc[single]], ignore_index=True)
+
+
+def _copies_to_fail(good):
+    organic = int(good.duplicated(keep=False).sum())
+    return next(
+        c
+        for c in range(len(good))
+        if checks.exceeds(organic + 2 * c, len(good) + c, checks.DUPLICATE_FRACTION)
+    )
+
+
+# case: (build(good, window) -> frame, check against the window?, expected to pass)
+SUSPICIOUS = {
+    "clean": (lambda good, window: good, True, True),
+    "few late": (lambda good, window: _late(good, window, 5), True, True),
+    "late at the tolerance": (
+        lambda good, window: _late(good, window, _last_tolerated(len(good), 0.01)),
+        True,
+        True,
+    ),
+    "late past the tolerance": (
+        lambda good, window: _late(good, window, _last_tolerated(len(good), 0.01) + 1),
+        True,
+        False,
+    ),
+    "one negative": (lambda good, window: _negative(good, 1), False, True),
+    "many negative": (lambda good, window: _negative(good, len(good) // 50), False, False),
+    "milliseconds": (
+        lambda good, window: good.assign(timestamp=good.timestamp * 1000),
+        False,
+        False,
+    ),
+    "duplicates at the tolerance": (
+        lambda good, window: _with_copies(good, _copies_to_fail(good) - 1),
+        True,
+        True,
+    ),
+    "duplicates past the tolerance": (
+        lambda good, window: _with_copies(good, _copies_to_fail(good)),
+        True,
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SUSPICIOUS))
+def test_checks_and_gx_give_the_same_verdict(good, window, case):
+    build, use_window, passes = SUSPICIOUS[case]
+    frame = build(good, window)
+    window = window if use_window else None
+    report = validate_raw(frame, case, window=window, now=NOW)
+    findings = checks.find_suspicious(frame, window, now=NOW)
+    assert report.success is passes, report.to_markdown()
+    assert (not any(f.error for f in findings)) is passes
+    if passes:
+        checks.check_suspicious(frame, case, window, now=NOW)
+    else:
+        with pytest.raises(DataError):
+            checks.check_suspicious(frame, case, window, now=NOW)
+    # and both count the same offending rows
+    counted = {
+        r["expectation"]: r["unexpected_count"]
+        for r in report.results
+        if r["column"] in ("timestamp", ", ".join(COLUMNS))
+    }
+    found = {f.kind: f.count for f in findings}
+    assert counted["expect_column_values_to_be_between"] == found.get("timestamps", 0)
+    assert counted["expect_compound_columns_to_be_unique"] == found.get("duplicates", 0)

@@ -10,14 +10,20 @@ Sources (paper Sec. 5.1):
 - The synthetic generator of :mod:`tdm.data.synthetic`.
 
 Every reading error is a :class:`~tdm.data.schema.DataError` naming the file, the 1-based line
-and the column of the first offending row.
+and the column of the first offending row: a value that does not convert (or does not fit int64),
+a wrong number of fields, a byte that is not UTF-8, a line longer than :data:`BLOCK_SIZE`, an empty
+file, a non-finite rating. The fast path is pyarrow's multi-threaded reader alone; the passes
+that locate an error run only after it has refused a file.
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import logging
 import os
+import re
 import shutil
 import urllib.error
 import urllib.parse
@@ -41,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 NO_GENRE = "(no genres listed)"
 URL_SCHEMES = ("http://", "https://", "file://", "ftp://")
+# pyarrow reads a csv in blocks of this many bytes; it cannot read a line longer than one block
+# (whether it fails depends on where the line falls), so such a line is refused outright.
+BLOCK_SIZE = 1 << 20
 
 
 def default_cache_dir() -> Path:
@@ -172,7 +181,9 @@ class _CsvSpec:
 
 def _read_csv(path: Path, spec: _CsvSpec) -> pa.Table:
     """Read ``path`` with pyarrow (multi-threaded) or raise DataError at the first bad line."""
-    read_options = pacsv.ReadOptions(column_names=list(spec.names), skip_rows=int(spec.header))
+    read_options = pacsv.ReadOptions(
+        column_names=list(spec.names), skip_rows=int(spec.header), block_size=BLOCK_SIZE
+    )
     parse_options = pacsv.ParseOptions(delimiter=spec.delimiter, ignore_empty_lines=False)
     convert_options = pacsv.ConvertOptions(
         column_types=spec.types,
@@ -194,17 +205,54 @@ def _read_csv(path: Path, spec: _CsvSpec) -> pa.Table:
 
 class _BadCell(Exception):
     def __init__(self, line: int, column: str, value: str, target: pa.DataType) -> None:
-        super().__init__(f"line {line}, column {column}: {value!r}")
+        super().__init__(f"line {line}, column {column}: {_shown(value)}")
         self.line, self.column, self.value, self.target = line, column, value, target
 
 
 def _locate_csv_error(path: Path, spec: _CsvSpec, exc: Exception) -> NoReturn:
-    """Find the first bad line of a file pyarrow refused, by a serial pass reading strings.
+    """Find the first bad line of a file pyarrow refused.
+
+    Two passes, both only on this error path: a byte scan (:func:`_scan_raw`) for an empty file,
+    bytes that are not UTF-8 and lines longer than :data:`BLOCK_SIZE` (which pyarrow cannot
+    read at all), then a serial pyarrow pass reading strings over the lines before the first such
+    problem, for values that do not convert and lines with the wrong number of fields. The
+    earlier offender wins.
 
     Raises:
         _BadCell: for a value that does not convert to its column type.
-        DataError: for a line with the wrong number of fields, or, when the pass finds nothing,
-            with pyarrow's own message.
+        DataError: for anything else, or, when neither pass finds anything, with pyarrow's own
+            message.
+    """
+    problem, has_content = _scan_raw(path, spec.delimiter, BLOCK_SIZE)
+    if problem is None and not has_content:
+        empty = path.stat().st_size == 0
+        raise DataError("empty file" if empty else "empty file (only blank lines)", path) from None
+    try:
+        if problem is None:
+            _locate_bad_row(path, path, spec)
+        else:
+            with pa.memory_map(str(path)) as mapped:
+                head = pa.BufferReader(mapped.read_buffer(problem.offset))
+                _locate_bad_row(head, path, spec)
+    except pa.ArrowInvalid as again:
+        # Only the lines before a byte-level problem were read, and they may hold no row.
+        if problem is None:
+            raise DataError(f"unreadable file: {again}", path) from again
+    if problem is not None:
+        names = spec.names
+        column = spec.display_name(names[min(problem.field, len(names) - 1)])
+        raise DataError(problem.message, path, line=problem.line, column=column) from None
+    raise DataError(f"unreadable file: {exc}", path) from exc
+
+
+def _locate_bad_row(source: Path | pa.NativeFile, path: Path, spec: _CsvSpec) -> None:
+    """Serial pass over ``source`` (the file or its head) reading strings; raise at the first bad
+    line, return when there is none.
+
+    Raises:
+        _BadCell: for a value that does not convert to its column type.
+        DataError: for a line with the wrong number of fields or with no values at all.
+        pyarrow.ArrowInvalid: what pyarrow cannot read even as strings.
     """
     invalid: list[pacsv.InvalidRow] = []
 
@@ -213,9 +261,12 @@ def _locate_csv_error(path: Path, spec: _CsvSpec, exc: Exception) -> NoReturn:
         return "skip"
 
     reader = pacsv.open_csv(
-        path,
+        source,
         read_options=pacsv.ReadOptions(
-            column_names=list(spec.names), skip_rows=int(spec.header), use_threads=False
+            column_names=list(spec.names),
+            skip_rows=int(spec.header),
+            use_threads=False,
+            block_size=BLOCK_SIZE,
         ),
         parse_options=pacsv.ParseOptions(
             delimiter=spec.delimiter, ignore_empty_lines=False, invalid_row_handler=on_invalid
@@ -251,6 +302,8 @@ def _locate_csv_error(path: Path, spec: _CsvSpec, exc: Exception) -> NoReturn:
             line = line_of(rows_before + bad[0])
             if invalid and invalid[0].number is not None and invalid[0].number < line:
                 _raise_invalid_row(path, spec, invalid[0])
+            if all(batch.column(name)[bad[0]].as_py() == "" for name in spec.include):
+                raise DataError("blank line (no values)", path, line=line)
             value = batch.column(bad[1])[bad[0]].as_py()
             raise _BadCell(line, bad[1], value, spec.types[bad[1]])
         if batch.num_rows:
@@ -260,7 +313,110 @@ def _locate_csv_error(path: Path, spec: _CsvSpec, exc: Exception) -> NoReturn:
         rows_before += batch.num_rows
     if invalid:
         _raise_invalid_row(path, spec, invalid[0])
-    raise DataError(f"unreadable file: {exc}", path) from exc
+
+
+@dataclass(frozen=True)
+class _RawProblem:
+    """A line :func:`_scan_raw` refuses: its 1-based number, the file offset of its first byte,
+    the 0-based (delimiter-separated) field at fault and what is wrong."""
+
+    line: int
+    offset: int
+    field: int
+    message: str
+
+
+def _scan_raw(path: Path, delimiter: str, max_line: int) -> tuple[_RawProblem | None, bool]:
+    """The first line of ``path`` that is not UTF-8 or longer than ``max_line`` bytes.
+
+    Reads the file in chunks cut at line ends (so no character is split), decodes each chunk
+    and measures its lines with numpy; stops at the first problem.
+
+    Returns:
+        The problem (None when there is none) and whether the file holds anything but
+        whitespace (meaningful when there is no problem: the whole file was read).
+    """
+    separator = delimiter.encode()
+    line, base, pending, content = 1, 0, b"", False
+    with open(path, "rb") as handle:
+        while True:
+            data = handle.read(_SCAN_CHUNK)
+            buffer = pending + data if pending else data
+            cut = buffer.rfind(b"\n") + 1 if data else len(buffer)
+            block, pending = buffer[:cut], buffer[cut:]
+            if block:
+                content = content or not block.isspace()
+                found = _block_problem(block, max_line)
+                if found is not None:
+                    offset, too_long = found
+                    start = block.rfind(b"\n", 0, offset) + 1
+                    end = block.find(b"\n", offset)
+                    text = block[start : end if end >= 0 else len(block)]
+                    field, raw = _field_at(text, offset - start, separator)
+                    if too_long:
+                        message = _LONG_LINE.format(limit=max_line, field=_snippet(raw))
+                    else:
+                        message = _NOT_UTF8.format(byte=block[offset], field=_snippet(raw))
+                    problem = _RawProblem(
+                        line + block.count(b"\n", 0, start), base + start, field, message
+                    )
+                    return problem, True
+                line += block.count(b"\n")
+                base += len(block)
+            if len(pending) > max_line:
+                field, raw = _field_at(pending, max_line, separator)
+                message = _LONG_LINE.format(limit=max_line, field=_snippet(raw))
+                return _RawProblem(line, base, field, message), True
+            if not data:
+                return None, content
+
+
+_SCAN_CHUNK = 1 << 24
+_LONG_LINE = "line longer than {limit} bytes, the most a line may hold; the field starts {field}"
+_NOT_UTF8 = "byte 0x{byte:02x} is not UTF-8 (the file must be UTF-8 encoded): {field}"
+
+
+def _block_problem(block: bytes, max_line: int) -> tuple[int, bool] | None:
+    """Offset in ``block`` (whole lines) of its first non-UTF-8 byte or of the byte at which a
+    line passes ``max_line``, whichever comes first, and whether it is the latter."""
+    bad_byte = None
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_byte = exc.start
+    newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == ord("\n"))
+    starts = np.concatenate(([0], newlines + 1))
+    ends = np.concatenate((newlines, [len(block)]))
+    long = np.flatnonzero(ends - starts > max_line)
+    too_long = int(starts[long[0]]) + max_line if long.size else None
+    if too_long is not None and (bad_byte is None or too_long < bad_byte):
+        return too_long, True
+    if bad_byte is not None:
+        return bad_byte, False
+    return None
+
+
+def _field_at(line: bytes, offset: int, separator: bytes) -> tuple[int, bytes]:
+    """The 0-based field of ``line`` holding byte ``offset`` (separators inside double quotes do
+    not count) and that field's bytes."""
+    head = line[:offset]
+    if b'"' not in head:
+        index, start = head.count(separator), head.rfind(separator) + 1
+    else:
+        index, start, quoted = 0, 0, False
+        for position, byte in enumerate(head):
+            if byte == ord('"'):
+                quoted = not quoted
+            elif byte == separator[0] and not quoted:
+                index, start = index + 1, position + 1
+    end = line.find(separator, offset)
+    return index, line[start : end if end >= 0 else len(line)]
+
+
+def _snippet(raw: bytes, limit: int = 40) -> str:
+    """``raw`` quoted for a message: undecodable bytes as ``\\xff``, cut to ``limit`` characters."""
+    text = raw.decode("utf-8", errors="backslashreplace")
+    return "'" + (text if len(text) <= limit else text[: limit - 3] + "...") + "'"
 
 
 def _first_unconvertible(values: pa.Array, target: pa.DataType) -> int | None:
@@ -293,6 +449,19 @@ def _raise_invalid_row(path: Path, spec: _CsvSpec, row: pacsv.InvalidRow) -> NoR
         line=row.number,
         column=column,
     )
+
+
+def _cell_message(value: str, target: pa.DataType) -> str:
+    """Why ``value`` does not read as ``target``."""
+    if pa.types.is_integer(target) and _INTEGER.fullmatch(value) and not _fits_int64(value):
+        return f"{_shown(value)} does not fit a 64-bit integer"
+    return f"cannot read {_shown(value)} as {_describe(target)}"
+
+
+def _shown(value: str, limit: int = 80) -> str:
+    """``repr(value)``, cut to about ``limit`` characters (a bad field can be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 4]}...{text[-1]}"
 
 
 def _describe(target: pa.DataType) -> str:
@@ -340,9 +509,10 @@ def load_movielens(
         The canonical behaviour table, in the ratings file's row order.
 
     Raises:
-        DataError: missing files, or a bad row (unparsable number, wrong number of fields, a
-            rating of a movie absent from the movies file, a duplicate movie), naming the file,
-            line and column.
+        DataError: missing or empty files, or a bad row (unparsable number, an integer beyond
+            int64, wrong number of fields, a NaN or infinite rating, a byte that is not UTF-8, an
+            over-long line or field, a rating of a movie absent from the movies file, a duplicate
+            movie), naming the file, line and column.
     """
     if category_rule not in ("first", "rarest"):
         raise ValueError(f"category_rule must be 'first' or 'rarest', got {category_rule!r}")
@@ -460,12 +630,21 @@ def _read_ratings(path: Path, dat: bool) -> pa.Table:
         table = _read_csv(path, spec)
     except _BadCell as bad:
         raise DataError(
-            f"cannot read {bad.value!r} as {_describe(bad.target)}",
+            _cell_message(bad.value, bad.target),
             path,
             line=bad.line,
             column=spec.display_name(bad.column),
         ) from None
     table = table.rename_columns([renames.get(name, name) for name in table.column_names])
+    finite = pc.is_finite(table.column("rating"))
+    if len(finite) and not pc.all(finite).as_py():
+        row = pc.index(finite, False).as_py()
+        raise DataError(
+            f"rating {table.column('rating')[row].as_py()} is not a finite number",
+            path,
+            line=row + 1 + int(spec.header),
+            column=spec.display_name(spec.include[2]),
+        )
     for column in ("user_id", "item_id"):
         ids = table.column(column)
         if len(ids) and pc.min(ids).as_py() < 0:
@@ -481,6 +660,8 @@ def _read_ratings(path: Path, dat: bool) -> pa.Table:
 
 def _check_header(path: Path, expected: tuple[str, ...]) -> None:
     """Raise DataError (line 1) unless the first line of ``path`` is the expected header."""
+    if path.stat().st_size == 0:
+        raise DataError("empty file", path, line=1)
     with open(path, encoding="utf-8", errors="replace", newline="") as handle:
         first = handle.readline().rstrip("\r\n").lstrip("\ufeff")
     got = [name.strip().strip('"') for name in first.split(",")]
@@ -499,19 +680,38 @@ def _parse_movie_id(text: str, path: Path, line: int, column: str) -> int:
         value = int(text)
     except ValueError:
         raise DataError(
-            f"cannot read {text!r} as an integer", path, line=line, column=column
+            f"cannot read {_shown(text)} as an integer", path, line=line, column=column
         ) from None
+    if not -(2**63) <= value < 2**63:
+        message = f"{_shown(text)} does not fit a 64-bit integer"
+        raise DataError(message, path, line=line, column=column)
     if value < 0:
         raise DataError("negative id", path, line=line, column=column)
     return value
 
 
 def _read_movies_csv(path: Path) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
+    fields = ("movieId", "title", "genres")
+    data = path.read_bytes()  # a few MB even for ML-25M
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        end = data.find(b"\n", exc.start)
+        bad_line = data[start : end if end >= 0 else len(data)]
+        field, raw = _field_at(bad_line, exc.start - start, b",")
+        raise DataError(
+            _NOT_UTF8.format(byte=data[exc.start], field=_snippet(raw)),
+            path,
+            line=data.count(b"\n", 0, start) + 1,
+            column=fields[min(field, 2)],
+        ) from None
     ids: list[int] = []
     genres: list[list[str]] = []
     lines: list[int] = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    line = 1
+    try:
         header_line = next(reader, None)
         if header_line is None:
             raise DataError("empty file", path, line=1)
@@ -522,18 +722,43 @@ def _read_movies_csv(path: Path) -> tuple[np.ndarray, list[list[str]], np.ndarra
                 line=1,
             )
         start = reader.line_num
+        line = start + 1
         for record in reader:
-            line = start + 1
             start = reader.line_num
             if len(record) != 3:
-                column = ("movieId", "title", "genres")[min(len(record), 2)]
+                column = fields[min(len(record), 2)]
                 raise DataError(
                     f"expected 3 fields, got {len(record)}", path, line=line, column=column
                 )
             ids.append(_parse_movie_id(record[0], path, line, "movieId"))
             genres.append(_split_genres(record[2]))
             lines.append(line)
+            line = start + 1
+    except csv.Error as exc:
+        # The record that failed starts at ``line``; find its oversized field, if that is it.
+        record = itertools.islice(io.StringIO(text, newline=""), line - 1, line + 63)
+        field = _oversized_field("".join(record), csv.field_size_limit())
+        column = None if field is None else fields[min(field, 2)]
+        raise DataError(f"cannot parse the line as CSV: {exc}", path, line, column) from None
     return np.asarray(ids, dtype=np.int64), genres, np.asarray(lines, dtype=np.int64)
+
+
+def _oversized_field(text: str, limit: int) -> int | None:
+    """0-based index of the first field longer than ``limit`` characters in the CSV record at
+    the start of ``text`` (comma-separated, double quotes honoured), or None."""
+    index, length, quoted = 0, 0, False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        elif char == "," and not quoted:
+            index, length = index + 1, 0
+        elif char in "\r\n" and not quoted:
+            return None
+        else:
+            length += 1
+            if length > limit:
+                return index
+    return None
 
 
 def _read_movies_dat(path: Path) -> tuple[np.ndarray, list[list[str]], np.ndarray]:
@@ -597,8 +822,10 @@ def load_userbehavior(path: str | Path) -> pd.DataFrame:
         The canonical behaviour table in file order (int32 ids).
 
     Raises:
-        DataError: a missing file, or a bad row (unparsable number, wrong number of fields,
-            negative id, unknown behaviour type), naming the file, line and column.
+        DataError: a missing or empty file, or a bad row (unparsable number, an integer beyond
+            int64, wrong number of fields, a blank line, negative id, unknown behaviour type, a
+            byte that is not UTF-8, a line over :data:`BLOCK_SIZE` bytes), naming the file, line
+            and column.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -625,10 +852,7 @@ def load_userbehavior(path: str | Path) -> pd.DataFrame:
                 id_type = pa.int64()
                 continue
             raise DataError(
-                f"cannot read {bad.value!r} as {_describe(bad.target)}",
-                path,
-                line=bad.line,
-                column=bad.column,
+                _cell_message(bad.value, bad.target), path, line=bad.line, column=bad.column
             ) from None
     for column in ("user_id", "item_id", "category_id"):
         ids = table.column(column)
@@ -640,7 +864,8 @@ def load_userbehavior(path: str | Path) -> pd.DataFrame:
     if len(types) and not pc.all(known).as_py():
         row = pc.index(known, False).as_py()
         raise DataError(
-            f"unknown behaviour type {types[row].as_py()!r} (known: {', '.join(BEHAVIOR_TYPES)})",
+            f"unknown behaviour type {_shown(types[row].as_py())} "
+            f"(known: {', '.join(BEHAVIOR_TYPES)})",
             path,
             line=row + 1,
             column="behavior_type",
@@ -653,12 +878,12 @@ def load_userbehavior(path: str | Path) -> pd.DataFrame:
     return frame
 
 
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
 def _fits_int64(text: str) -> bool:
-    try:
-        value = int(text)
-    except ValueError:
-        return False
-    return -(2**63) <= value < 2**63
+    """``text`` is a decimal integer (ASCII digits only, as pyarrow reads) that fits int64."""
+    return bool(_INTEGER.fullmatch(text)) and -(2**63) <= int(text) < 2**63
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,9 +919,14 @@ def load_dataset(
         raise DataError(f"data.path must be set for source {cfg.source!r}")
     if cfg.source == "movielens":
         return load_movielens(cfg.path, cfg.min_rating, cfg.category_rule, cache_dir=cache_dir)
-    path = Path(cfg.path).expanduser()
-    if path.is_dir():
-        path = path / "UserBehavior.csv"
+    path = userbehavior_file(cfg.path)
     if not path.is_file():
         raise DataError("no such file", path)
     return load_userbehavior(path)
+
+
+def userbehavior_file(path: str | Path) -> Path:
+    """The UserBehavior csv that ``data.path`` names: the file, or ``UserBehavior.csv`` in the
+    folder."""
+    path = Path(path).expanduser()
+    return path / "UserBehavior.csv" if path.is_dir() else path

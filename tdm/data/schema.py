@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tdm.errors import TdmError
+
 logger = logging.getLogger(__name__)
 
 COLUMNS: tuple[str, ...] = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
@@ -23,7 +25,7 @@ ID_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "category_id")
 BEHAVIOR_TYPES: tuple[str, ...] = ("pv", "buy", "cart", "fav")
 
 
-class DataError(ValueError):
+class DataError(TdmError, ValueError):
     """Input data that cannot be used, with the file, 1-based line (or row) and column named.
 
     Args:
