@@ -7,7 +7,7 @@ with random histories. Measured:
 - throughput: ``beam_search`` over batches of ``--batch`` users; users/s and the latency of a
   whole batch (p50/p99 over the batches);
 - online latency: one user per call (batch of 1), p50/p99 over the users;
-- nodes scored per user (``stats``), asserted <= sum over levels of min(level size, 2k)
+- nodes scored per user (``SearchStats``), asserted <= sum over levels of min(level size, 2k)
   <= 2*k*depth;
 - the scoring step: FLOPs per scored node counted by ``torch.utils.flop_counter`` on
   ``model.score``; time inside ``model.score`` during a batch; achieved GFLOP/s, next to a plain
@@ -177,16 +177,15 @@ def run_batches(model, tree, hist, windows, k, batch, budget, min_batches, max_b
     n_users = len(hist)
     for b in range(max_batches):
         s = (b * batch) % max(n_users - batch + 1, 1)
-        stats: dict = {}
         start = time.perf_counter()
-        beam_search(
+        *_, stats = beam_search(
             model, tree, hist[s : s + batch], windows[s : s + batch], k, batch_size=batch,
-            stats=stats,
+            with_stats=True,
         )  # fmt: skip
         seconds.append(time.perf_counter() - start)
         users += batch
-        nodes += stats["nodes_scored"]
-        max_nodes = max(max_nodes, stats["max_nodes_scored"])
+        nodes += stats.nodes_scored
+        max_nodes = max(max_nodes, stats.max_nodes_scored)
         if b + 1 >= min_batches and sum(seconds) >= budget:
             break
     return seconds, users, nodes, max_nodes
@@ -212,16 +211,15 @@ def run_config(model, tree, hist, windows, k, args, flops) -> dict:
     best = None
     for _ in range(3):
         with Probe(model, dev) as probe:
-            stats: dict = {}
             start = time.perf_counter()
-            beam_search(
+            *_, stats = beam_search(
                 model,
                 tree,
                 hist[:probe_users],
                 windows[:probe_users],
                 k,
                 batch_size=probe_users,
-                stats=stats,
+                with_stats=True,
             )
             total = time.perf_counter() - start
         assert probe.state_rows == probe_users, "user_state must see every user exactly once"
@@ -231,7 +229,7 @@ def run_config(model, tree, hist, windows, k, args, flops) -> dict:
                 "score_gflops": gflops,
                 "score_share_of_time": probe.score_seconds / total,
                 "probe_users": probe_users,
-                "user_state_calls": stats["user_state_calls"],
+                "user_state_calls": stats.user_state_calls,
                 "user_state_rows": probe.state_rows,
             }
 

@@ -1,11 +1,15 @@
 """The paper's evaluation protocol (Sec. 5.2-5.4) for any ranker: TDM, baselines, variants.
 
-A *ranker* is ``rank(split, rows, k, exclude) -> (items (B, k), scores (B, k))``: the top ``k`` item
-indices for the evaluation users ``rows`` of ``split``, leaving out the per-user ``exclude`` CSR
-(a ranker may ignore it: filtering and complementing back to M happen here anyway).
+A *ranker* is ``rank(split, rows, k, exclude) -> (items (B, K), scores (B, K))``: the top
+``K <= k`` item indices for the evaluation users ``rows`` of ``split`` (fewer columns than ``k``
+when the corpus is smaller, as ``tdm.retrieval`` returns), padded with -1, leaving out the
+per-user ``exclude`` CSR (a ranker may ignore it: filtering and complementing back to M happen
+here anyway).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -19,13 +23,26 @@ from tdm.metrics import (
     precision_recall_f_novelty,
 )
 
+if TYPE_CHECKING:  # annotations only: importing them here would load pandas/pyarrow and torch
+    from tdm.data.protocol import EvalSplit, Prepared
+    from tdm.recommender import Recommender
+
+
+class Ranker(Protocol):
+    """What ``evaluate_split`` calls (see the module docstring)."""
+
+    def __call__(
+        self, split: EvalSplit, rows: np.ndarray, k: int, exclude: tuple[np.ndarray, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 EVAL_BATCH = 1024
 
 
 def evaluate_split(
-    ranker,
-    data,
-    split,
+    ranker: Ranker,
+    data: Prepared,
+    split: EvalSplit,
     cfg: EvalConfig,
     batch_size: int = EVAL_BATCH,
     per_user: bool = False,
@@ -76,7 +93,7 @@ def evaluate_split(
     return out
 
 
-def layerwise_report(rec, split, cfg: Config) -> dict:
+def layerwise_report(rec: Recommender, split: EvalSplit, cfg: Config) -> dict:
     """Layer-wise Recall@k of beam search vs brute force per level (Sec. 5.4, Fig. 4).
 
     The ground truth is traced back to each level's ancestors; at level j, beam search's top k

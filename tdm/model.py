@@ -18,11 +18,12 @@ naming a user class, which is then constructed as ``Class(n_embeddings, cfg, tim
   two-way softmax, ``softmax([0, z])[1] = sigmoid(z)``).
 - ``forward(hist, windows, node_rows) = score(user_state(hist, windows), node_rows)``.
 
-A state is a tensor or a tuple of tensors, each with the batch (user) dimension first. Beam search
+A state is a tensor or a tuple of tensors, each with the batch (user) dimension first; a
+``NamedTuple`` (``AttentionState``) names its parts, and a part may be None (absent). Beam search
 scores the N candidate nodes of every user in one ``score`` call (no expansion of the state);
 code that needs a subset of the users (say, dropping finished ones) uses
-``select_state(state, index)``, which indexes the first dimension of every tensor, so a custom
-scorer's state must keep the batch dimension first in every tensor.
+``select_state(state, index)``, which indexes the first dimension of every tensor and keeps the
+tuple's type, so a custom scorer's state must keep the batch dimension first in every tensor.
 
 Built-ins
 ---------
@@ -52,7 +53,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,23 +63,27 @@ from tdm.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-State = torch.Tensor | tuple[torch.Tensor, ...]
+State = torch.Tensor | tuple[torch.Tensor | None, ...]
 
 EMBEDDING_STD = 0.05
 
 
-def select_state(state: State, index: torch.Tensor) -> State:
+def select_state(state: State, index: torch.Tensor | slice) -> State:
     """Select users from a state.
 
     Args:
-        state: a tensor or a tuple of tensors, batch (user) dimension first.
+        state: a tensor or a tuple of tensors (a ``NamedTuple`` included), batch (user)
+            dimension first; None parts are allowed.
         index: (K,) int64 user positions, (B,) bool mask or a slice.
     Returns:
-        The same structure with every tensor indexed along its first dimension.
+        The same structure (a ``NamedTuple`` keeps its type) with every tensor indexed along its
+        first dimension; None parts stay None.
     """
     if isinstance(state, torch.Tensor):
         return state[index]
-    return tuple(t[index] for t in state)
+    parts = [None if t is None else t[index] for t in state]
+    make = getattr(state, "_make", None)  # a NamedTuple
+    return make(parts) if make is not None else tuple(parts)
 
 
 def window_weights(
@@ -374,6 +379,27 @@ def _activation_inference(
     return out
 
 
+class AttentionState(NamedTuple):
+    """User state of ``AttentionDNN`` (see there): every tensor has the user dimension first.
+
+    Attributes:
+        emb: (B, L, D) behaviour embeddings.
+        user_part: (B, L, H) the per-user share of the activation unit's first layer.
+        spread: (B, L, W*D) the embeddings spread over their time windows with the 1/count
+            averaging factor (zero rows on padding).
+        unit: (B, D+1, L*H) the activation unit's whole first layer per user; built only without
+            autograd (retrieval), None in training.
+        linear: (B, D+1, L) ``unit @ (a w)``, the share of PReLU and output layer that is linear
+            in the node; None exactly when ``unit`` is.
+    """
+
+    emb: torch.Tensor
+    user_part: torch.Tensor
+    spread: torch.Tensor
+    unit: torch.Tensor | None = None
+    linear: torch.Tensor | None = None
+
+
 class AttentionDNN(_Scorer):
     """TDM attention-DNN (Sec. 3.4, Fig. 2).
 
@@ -386,17 +412,17 @@ class AttentionDNN(_Scorer):
     (behaviour, node) pair: one batched matmul of the node embeddings against ``b ⊙ A3``
     (``_ActivationUnit``). The 4D concatenation is never materialised.
 
-    State: ``(emb (B, L, D), user_part (B, L, H), spread (B, L, W*D))``: behaviour embeddings,
-    the per-user share of the activation unit's first layer, and the embeddings spread over their
-    time windows with the 1/count averaging factor (zero rows on padding).
+    State: ``AttentionState(emb, user_part, spread)``: behaviour embeddings (B, L, D), the per-user
+    share of the activation unit's first layer (B, L, H), and the embeddings spread over their
+    time windows with the 1/count averaging factor (B, L, W*D) (zero rows on padding).
 
-    Without autograd (retrieval, which scores every level against one state) the state carries a
-    fourth tensor, the whole first layer of the unit per user, (B, D+1, L*H): rows 0..D-1 are
+    Without autograd (retrieval, which scores every level against one state) the state also
+    carries ``unit``, the whole first layer of the unit per user, (B, D+1, L*H): rows 0..D-1 are
     ``emb ⊙ A3 + (A2-A4)ᵀ`` and row D is the user part, so ``[n, 1] @ unit`` is the
     pre-activation of every (behaviour, node) pair in one batched matmul. It is built once per
-    user instead of at every ``score`` call ((D+1)*L*H floats per user: 248 KB at L = 69), and a
-    fifth, ``linear = unit @ (a w)`` (B, D+1, L), the share of PReLU (slope ``a``) and output
-    layer ``w`` that is linear in the node (see ``_activation_inference``).
+    user instead of at every ``score`` call ((D+1)*L*H floats per user: 248 KB at L = 69), and
+    ``linear = unit @ (a w)`` (B, D+1, L), the share of PReLU (slope ``a``) and output layer ``w``
+    that is linear in the node (see ``_activation_inference``).
     Training builds the pair weights chunk by chunk and recomputes them in backward instead.
     """
 
@@ -408,7 +434,7 @@ class AttentionDNN(_Scorer):
         self.attention_out = nn.Linear(H, 1)
         self.head = _Head(time_windows * D + D, cfg.hidden)
 
-    def user_state(self, hist: torch.Tensor, windows: torch.Tensor) -> State:
+    def user_state(self, hist: torch.Tensor, windows: torch.Tensor) -> AttentionState:
         D = self.dim
         B, L = hist.shape
         emb = self.embedding(_rows(hist))  # (B, L, D)
@@ -418,17 +444,16 @@ class AttentionDNN(_Scorer):
         avg = window_weights(hist, windows, self.time_windows, emb.dtype)  # (B, L, W)
         spread = (avg.unsqueeze(-1) * emb.unsqueeze(2)).reshape(B, L, -1)  # (B, L, W*D)
         if torch.is_grad_enabled():
-            return emb, user_part, spread
+            return AttentionState(emb, user_part, spread)
         A2, A3 = A[:, D : 2 * D], A[:, 2 * D : 3 * D]
         node_weights = (A2 - A4).t().repeat(1, L)  # (D, L*H): column l*H + h is (A2-A4)[h]
         unit = torch.cat([pair_weights_of(emb, A3) + node_weights, user_part.view(B, 1, -1)], 1)
         w_neg = self.attention_out.weight.view(-1) * self.attention_act.weight  # (H,)
         linear = unit.view(B, D + 1, L, -1) @ w_neg  # (B, D+1, L)
-        return emb, user_part, spread, unit, linear
+        return AttentionState(emb, user_part, spread, unit, linear)
 
-    def node_score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
-        emb, user_part, spread = state[:3]
-        unit = state[3] if len(state) > 3 else None  # with ``linear``: see ``user_state``
+    def node_score(self, state: AttentionState, node_rows: torch.Tensor) -> torch.Tensor:
+        emb, user_part, spread, unit, linear = state
         D = self.dim
         B, N = node_rows.shape
         L, H = user_part.shape[1], user_part.shape[2]
@@ -443,7 +468,7 @@ class AttentionDNN(_Scorer):
             weight = _activation_inference(
                 torch.cat([node, ones], -1).to(dtype),
                 unit.to(dtype),
-                state[4].to(dtype),
+                linear.to(dtype),
                 out_weight * (1 - slope),
                 out_bias,
                 chunk,
@@ -483,12 +508,12 @@ class DNN(_Scorer):
         super().__init__(n_embeddings, cfg, time_windows)
         self.head = _Head(time_windows * cfg.embedding_dim + cfg.embedding_dim, cfg.hidden)
 
-    def user_state(self, hist: torch.Tensor, windows: torch.Tensor) -> State:
+    def user_state(self, hist: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         user = self.window_means(hist, windows)  # (B, W*D)
         weight, bias = self.head.first_params()
         return user @ weight[:, : user.shape[1]].t() + bias  # (B, H1)
 
-    def node_score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
+    def node_score(self, state: torch.Tensor, node_rows: torch.Tensor) -> torch.Tensor:
         user_hidden = state
         node = self.embedding(_rows(node_rows))  # (B, N, D)
         Wn = self.head.first_params()[0][:, -self.dim :]  # (H1, D)
@@ -520,11 +545,11 @@ class ProductDNN(_Scorer):
         self.tower = _mlp(sizes)
         self.project = nn.Linear(sizes[-1], cfg.embedding_dim)
 
-    def user_state(self, hist: torch.Tensor, windows: torch.Tensor) -> State:
+    def user_state(self, hist: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         user = self.window_means(hist, windows)  # (B, W*D)
         return self.project(self.tower(user))  # (B, D)
 
-    def node_score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
+    def node_score(self, state: torch.Tensor, node_rows: torch.Tensor) -> torch.Tensor:
         node = self.embedding(_rows(node_rows))  # (B, N, D)
         return torch.bmm(node, state.to(node.dtype).unsqueeze(-1)).squeeze(-1)  # (B, N)
 

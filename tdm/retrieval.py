@@ -11,15 +11,16 @@ Conventions shared by ``beam_search`` and ``brute_force``:
   (user) dimension for that (``tdm.model.select_state``). The model is
   put in eval mode for the call (its mode is restored afterwards) and runs under
   ``torch.inference_mode`` on ``device`` (default: where the model's parameters are).
-- Results are numpy arrays on the host: ids (U, k) int64 padded with -1, scores (U, k) float32
-  padded with -inf, best first.
+- Results are numpy arrays on the host: ids (U, K) int64 padded with -1, scores (U, K) float32
+  padded with -inf, best first, with K = min(k, n_items): there are never more columns than
+  items in the tree. Padding appears only where fewer candidates remain than columns (items
+  removed by ``exclude``; a level with fewer than K nodes).
 - ``exclude`` (Sec. 5.3 filtering): either a CSR pair ``(items, offsets)`` of numpy arrays with U
   rows (``tdm.metrics.excluded_items``), or a dense (U, n_items) bool array/tensor (True =
   excluded). Excluded items' leaves never enter the result set (Algorithm 1, line 3); the beam over
   inner nodes is unchanged. Ask for k larger than M when filtering so that enough items remain.
-- ``stats``: an optional dict the call fills with ``nodes_scored`` (total),
-  ``nodes_scored_per_user`` ((U,) int64, padding not counted), ``max_nodes_scored``,
-  ``user_state_calls`` and ``score_calls``.
+- ``with_stats=True`` appends a ``SearchStats`` (nodes scored, calls made) to the returned tuple:
+  ``items, scores, stats = beam_search(..., with_stats=True)``.
 """
 
 from __future__ import annotations
@@ -27,18 +28,49 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tdm.model import select_state
+from tdm.model import State, select_state
+from tdm.tree import Tree
 
-__all__ = ["TreeTensors", "beam_search", "brute_force", "tree_tensors"]
+__all__ = ["SearchStats", "TreeTensors", "beam_search", "brute_force", "tree_tensors"]
 
 RANKINGS = ("node", "path")
 CPU_SCORE_PAIRS = 8192  # (user, node) pairs per ``model.score`` call on the CPU (cache-sized)
+
+Inputs = np.ndarray | torch.Tensor  # (U, L) int64 ``hist`` or ``windows``
+Exclude = tuple[np.ndarray, np.ndarray] | np.ndarray | torch.Tensor | None  # see module docstring
+
+
+@dataclass(frozen=True, eq=False)
+class SearchStats:
+    """What one ``beam_search`` or ``brute_force`` call did (``with_stats=True``).
+
+    Attributes:
+        nodes_scored: (user, node) pairs scored in total; padding is not counted.
+        nodes_scored_per_user: (U,) int64 nodes scored for each user.
+        max_nodes_scored: the largest entry of ``nodes_scored_per_user`` (0 without users).
+        user_state_calls: calls of ``model.user_state`` (one per batch of users).
+        score_calls: calls of ``model.score``.
+    """
+
+    nodes_scored: int
+    nodes_scored_per_user: np.ndarray
+    max_nodes_scored: int
+    user_state_calls: int
+    score_calls: int
+
+
+BeamResult = (
+    tuple[np.ndarray, np.ndarray]
+    | tuple[np.ndarray, np.ndarray, list[np.ndarray]]
+    | tuple[np.ndarray, np.ndarray, SearchStats]
+    | tuple[np.ndarray, np.ndarray, list[np.ndarray], SearchStats]
+)
+BruteResult = tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SearchStats]
 
 
 # ----------------------------------------------------------------------------- tree on device
@@ -80,17 +112,19 @@ class TreeTensors:
     parent_host: np.ndarray
     leaves_under_host: np.ndarray
 
+    @property
+    def n_items(self) -> int:
+        """Number of leaves (= items)."""
+        return len(self.leaf_nodes)
+
     @classmethod
-    def build(cls, tree: Any, device: torch.device | str) -> TreeTensors:
-        """Convert ``tree`` (a ``tdm.tree.Tree``) once; see ``tree_tensors`` for the cached door."""
+    def build(cls, tree: Tree, device: torch.device | str) -> TreeTensors:
+        """Convert ``tree`` once; see ``tree_tensors`` for the cached door."""
         n_nodes = int(tree.n_nodes)
         child_offsets = np.asarray(tree.child_offsets, dtype=np.int64)
         count = np.diff(child_offsets)
-        children = getattr(tree, "children", None)
-        if isinstance(children, np.ndarray):
-            child_list = children.astype(np.int64)
-        else:  # children of a node are contiguous node ids: offsets index the node ids directly
-            child_list = np.arange(n_nodes, dtype=np.int64)
+        # a Tree's children of a node are contiguous node ids: offsets index the node ids directly
+        child_list = np.arange(n_nodes, dtype=np.int64)
         node_item = np.asarray(tree.node_item, dtype=np.int64)
         is_leaf = count == 0
         leaf_nodes = np.flatnonzero(is_leaf)
@@ -156,7 +190,7 @@ def _leaves_under(parent: np.ndarray, is_leaf: np.ndarray, level_offsets: np.nda
 _CACHE: dict[tuple[int, str], tuple[weakref.ref, TreeTensors]] = {}
 
 
-def tree_tensors(tree: Any, device: torch.device | str) -> TreeTensors:
+def tree_tensors(tree: Tree, device: torch.device | str) -> TreeTensors:
     """``TreeTensors`` of ``tree`` on ``device``, cached per (tree object, device).
 
     The cache holds the tree weakly; a tree must not be modified in place after first use.
@@ -169,10 +203,7 @@ def tree_tensors(tree: Any, device: torch.device | str) -> TreeTensors:
     tensors = TreeTensors.build(tree, device)
     for dead in [k for k, (ref, _) in _CACHE.items() if ref() is None]:
         del _CACHE[dead]
-    try:
-        _CACHE[key] = (weakref.ref(tree), tensors)
-    except TypeError:  # not weak-referenceable: no caching
-        pass
+    _CACHE[key] = (weakref.ref(tree), tensors)
     return tensors
 
 
@@ -197,27 +228,45 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _as_long(x: Any, start: int, stop: int, device: torch.device) -> torch.Tensor:
+def _as_long(x: Inputs, start: int, stop: int, device: torch.device) -> torch.Tensor:
     """Rows ``start:stop`` of an array or tensor as an int64 tensor on ``device``."""
     if isinstance(x, torch.Tensor):
         return x[start:stop].to(device=device, dtype=torch.long)
     return torch.as_tensor(np.asarray(x[start:stop], dtype=np.int64), device=device)
 
 
-def _score(model: torch.nn.Module, state: Any, node_rows: torch.Tensor, calls: list[int]):
+@dataclass
+class _Calls:
+    """Running counts of ``model.user_state`` and ``model.score`` calls during one search."""
+
+    user_state: int = 0
+    score: int = 0
+
+    def stats(self, scored: np.ndarray) -> SearchStats:
+        """The ``SearchStats`` of a search that scored ``scored`` (U,) nodes per user."""
+        return SearchStats(
+            nodes_scored=int(scored.sum()),
+            nodes_scored_per_user=scored,
+            max_nodes_scored=int(scored.max()) if len(scored) else 0,
+            user_state_calls=self.user_state,
+            score_calls=self.score,
+        )
+
+
+def _score(model: torch.nn.Module, state: State, node_rows: torch.Tensor, calls: _Calls):
     """(B, N) float logits of ``model.score``, in cache-sized slices of users on the CPU."""
     batch, width = node_rows.shape
     step = batch
     if node_rows.device.type == "cpu" and batch * width > CPU_SCORE_PAIRS:
         step = max(1, CPU_SCORE_PAIRS // max(width, 1))
     if step >= batch:
-        calls[1] += 1
+        calls.score += 1
         return model.score(state, node_rows).float()  # (B, N)
     parts = []
     for s in range(0, batch, step):
         e = min(s + step, batch)
         parts.append(model.score(select_state(state, slice(s, e)), node_rows[s:e]).float())
-        calls[1] += 1
+        calls.score += 1
     return torch.cat(parts)  # (B, N)
 
 
@@ -255,7 +304,9 @@ class _Excluder:
     interacted categories filtered on a category tree, whole subtrees drop out).
     """
 
-    def __init__(self, exclude: Any, start: int, stop: int, tt: TreeTensors, device: torch.device):
+    def __init__(
+        self, exclude: Exclude, start: int, stop: int, tt: TreeTensors, device: torch.device
+    ) -> None:
         self.n_nodes = tt.n_nodes
         if isinstance(exclude, tuple):
             items, offsets = exclude
@@ -295,7 +346,7 @@ class _Excluder:
         return self.keys[pos] == keys
 
 
-def _check_inputs(hist: Any, windows: Any, k: int, exclude: Any) -> int:
+def _check_inputs(hist: Inputs, windows: Inputs, k: int, exclude: Exclude) -> int:
     n_users = len(hist)
     if len(windows) != n_users:
         raise ValueError(f"hist has {n_users} rows, windows {len(windows)}")
@@ -309,31 +360,21 @@ def _check_inputs(hist: Any, windows: Any, k: int, exclude: Any) -> int:
     return n_users
 
 
-def _fill_stats(stats: dict | None, scored: np.ndarray, state_calls: int, score_calls: int):
-    if stats is None:
-        return
-    stats["nodes_scored"] = int(scored.sum())
-    stats["nodes_scored_per_user"] = scored
-    stats["max_nodes_scored"] = int(scored.max()) if len(scored) else 0
-    stats["user_state_calls"] = state_calls
-    stats["score_calls"] = score_calls
-
-
 # ----------------------------------------------------------------------------- Algorithm 1
 def beam_search(
     model: torch.nn.Module,
-    tree: Any,
-    hist: Any,
-    windows: Any,
+    tree: Tree,
+    hist: Inputs,
+    windows: Inputs,
     k: int,
     *,
     ranking: str = "node",
-    exclude: Any = None,
+    exclude: Exclude = None,
     device: torch.device | str | None = None,
     batch_size: int = 1024,
     return_levels: bool = False,
-    stats: dict | None = None,
-) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    with_stats: bool = False,
+) -> BeamResult:
     """Layer-wise top-down retrieval of the top k items for each user (Algorithm 1).
 
     Q starts at the root's children (the root itself is never scored). At each level the nodes
@@ -345,37 +386,41 @@ def beam_search(
 
     Args:
         model: scorer with ``user_state(hist, windows)`` and ``score(state, node_rows)``.
-        tree: a ``tdm.tree.Tree``.
+        tree: the tree index.
         hist: (U, L) int64 behaviour rows, -1 padding.
         windows: (U, L) int64 time windows, -1 padding.
-        k: beam width and number of items returned.
+        k: beam width and number of items returned; at most the number of items is used
+            (K = min(k, tree.n_items) below).
         ranking: ``"node"``: a node ranks by its own logit (TDM); ``"path"``: by the sum of
             log-sigmoids of its own and its ancestors' logits below the root, i.e. the log of the
             product of their probabilities (the HS variant, Sec. 5.4) -- for the beam and for A.
         exclude: items never to return (see module docstring), or None.
         device: where to run; default the model's device.
         batch_size: users per batch.
-        return_levels: also return, per level, the top k of all nodes of Q at that level
+        return_levels: also return, per level, the top K of all nodes of Q at that level
             (leaves included) by ranking score: the retrieved set of that level (Fig. 4).
-        stats: optional dict filled with counters (see module docstring).
+        with_stats: also return a ``SearchStats``.
     Returns:
-        items (U, k) int64 item ids padded with -1; scores (U, k) float32 ranking scores (logits,
-        or log-probabilities for ``"path"``) padded with -inf, best first; with
-        ``return_levels`` also a list of depth+1 arrays (U, k) int64 of node ids padded with -1,
-        entry j for level j (entry 0 holds the root).
+        ``(items, scores)``, then ``levels`` with ``return_levels``, then ``stats`` with
+        ``with_stats``: items (U, K) int64 item ids padded with -1; scores (U, K) float32 ranking
+        scores (logits, or log-probabilities for ``"path"``) padded with -inf, best first;
+        levels a list of depth+1 arrays (U, K) int64 of node ids padded with -1, entry j for
+        level j (entry 0 holds the root); stats a ``SearchStats``.
     """
     if ranking not in RANKINGS:
         raise ValueError(f"ranking {ranking!r} is not one of {RANKINGS}")
     n_users = _check_inputs(hist, windows, k, exclude)
     device = _model_device(model) if device is None else torch.device(device)
     tt = tree_tensors(tree, device)
+    k = min(k, tt.n_items)  # a level holds at most n_items nodes: the beam is unchanged
     items = np.full((n_users, k), -1, dtype=np.int64)
     scores = np.full((n_users, k), -np.inf, dtype=np.float32)
-    levels = [np.full((n_users, k), -1, dtype=np.int64) for _ in range(tt.depth + 1)]
+    levels: list[np.ndarray] = []
     if return_levels:
+        levels = [np.full((n_users, k), -1, dtype=np.int64) for _ in range(tt.depth + 1)]
         levels[0][:, 0] = 0
     scored = np.zeros(n_users, dtype=np.int64)
-    calls = [0, 0]
+    calls = _Calls()
     with _inference(model):
         for start in range(0, n_users, batch_size):
             stop = min(start + batch_size, n_users)
@@ -396,10 +441,8 @@ def beam_search(
             scored[start:stop] = out[2].cpu().numpy()
             for j, nodes in enumerate(out[3], start=1):
                 levels[j][start:stop] = nodes.cpu().numpy()
-    _fill_stats(stats, scored, *calls)
-    if return_levels:
-        return items, scores, levels
-    return items, scores
+    out = (items, scores, levels) if return_levels else (items, scores)
+    return (*out, calls.stats(scored)) if with_stats else out
 
 
 def _beam_batch(
@@ -411,13 +454,13 @@ def _beam_batch(
     path: bool,
     excluder: _Excluder | None,
     want_levels: bool,
-    calls: list[int],
+    calls: _Calls,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Algorithm 1 for one batch of users; returns items, scores, nodes scored, level top-k."""
     batch = hist.shape[0]
     device = hist.device
     state = model.user_state(hist, windows)  # once per user
-    calls[0] += 1
+    calls.user_state += 1
     root = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1)
     # Algorithm 1, line 1, with the root expanded (unless it is the only node and a leaf)
     queue = root if tt.depth == 0 else tt.children_of(root)  # (B, C)
@@ -481,18 +524,18 @@ def _beam_batch(
 # ----------------------------------------------------------------------------- brute force
 def brute_force(
     model: torch.nn.Module,
-    tree: Any,
-    hist: Any,
-    windows: Any,
+    tree: Tree,
+    hist: Inputs,
+    windows: Inputs,
     k: int,
     level: int | None = None,
     *,
-    exclude: Any = None,
+    exclude: Exclude = None,
     device: torch.device | str | None = None,
     batch_size: int = 256,
     node_chunk: int = 4096,
-    stats: dict | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    with_stats: bool = False,
+) -> BruteResult:
     """Score every candidate node for every user and keep the top k by logit.
 
     Candidates are all leaves (every item) by default, or all nodes of one level (Fig. 4's
@@ -500,18 +543,20 @@ def brute_force(
 
     Args:
         model: scorer with ``user_state`` and ``score``.
-        tree: a ``tdm.tree.Tree``.
+        tree: the tree index.
         hist, windows: (U, L) int64 model inputs.
-        k: number of results.
+        k: number of results; at most the number of items is used (K = min(k, tree.n_items),
+            as in ``beam_search``, so that a level's result lines up with its ``return_levels``).
         level: None for all leaves, else a level 1..depth.
         exclude: items never to return (see module docstring); applies to leaves only.
         device: where to run; default the model's device.
         batch_size: users per batch.
         node_chunk: nodes scored per ``model.score`` call.
-        stats: optional dict filled with counters.
+        with_stats: also return a ``SearchStats``.
     Returns:
-        ids (U, k) int64 -- item ids when ``level`` is None, node ids otherwise -- padded with -1,
-        and scores (U, k) float32 logits padded with -inf, best first.
+        ``(ids, scores)``, then ``stats`` with ``with_stats``: ids (U, K) int64 -- item ids when
+        ``level`` is None, node ids otherwise -- padded with -1, and scores (U, K) float32 logits
+        padded with -inf, best first.
     """
     n_users = _check_inputs(hist, windows, k, exclude)
     device = _model_device(model) if device is None else torch.device(device)
@@ -523,10 +568,11 @@ def brute_force(
             raise ValueError(f"level {level} outside 0..{tt.depth}")
         lo, hi = int(tt.level_offsets[level]), int(tt.level_offsets[level + 1])
         candidates = torch.arange(lo, hi, device=device)
+    k = min(k, tt.n_items)
     ids = np.full((n_users, k), -1, dtype=np.int64)
     scores = np.full((n_users, k), -np.inf, dtype=np.float32)
     scored = np.zeros(n_users, dtype=np.int64)
-    calls = [0, 0]
+    calls = _Calls()
     with _inference(model):
         for start in range(0, n_users, batch_size):
             stop = min(start + batch_size, n_users)
@@ -535,13 +581,13 @@ def brute_force(
             state = model.user_state(
                 _as_long(hist, start, stop, device), _as_long(windows, start, stop, device)
             )
-            calls[0] += 1
+            calls.user_state += 1
             best_n = torch.full((batch, k), -1, dtype=torch.long, device=device)
             best_s = torch.full((batch, k), -float("inf"), device=device)
             for c0 in range(0, len(candidates), node_chunk):
                 chunk = candidates[c0 : c0 + node_chunk].unsqueeze(0).expand(batch, -1)
                 logits = model.score(state, tt.rows[chunk]).float()  # (B, N)
-                calls[1] += 1
+                calls.score += 1
                 if excluder is not None:
                     logits = logits.masked_fill(excluder(chunk), -float("inf"))
                 best_n, best_s = _topk_pad(
@@ -552,5 +598,4 @@ def brute_force(
                 best_n = torch.where(best_n >= 0, tt.node_item[best_n.clamp(min=0)], -1)
             ids[start:stop] = best_n.cpu().numpy()
             scores[start:stop] = best_s.cpu().numpy()
-    _fill_stats(stats, scored, *calls)
-    return ids, scores
+    return (ids, scores, calls.stats(scored)) if with_stats else (ids, scores)

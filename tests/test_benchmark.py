@@ -10,6 +10,7 @@ from tiny import TINY
 from tdm.benchmark import render, summarise
 from tdm.cli import run
 
+pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,16 +57,90 @@ def test_every_method_and_round_is_averaged_over_the_seeds(report):
     )
 
 
+def md_table(text: str, title: str) -> dict[str, dict[str, str]]:
+    """The markdown table under the ``## <title>...`` heading as {first cell: {column: cell}}."""
+    lines = text.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"## {title}"))
+    cells = []
+    for line in lines[start + 1 :]:
+        if line.startswith("## "):
+            break
+        if line.startswith("|") and not line.startswith("|---"):
+            cells.append([c.strip() for c in line.strip().strip("|").split("|")])
+    head, *body = cells
+    return {row[0]: dict(zip(head[1:], row[1:], strict=True)) for row in body}
+
+
+def pct(mean: float, std: float) -> str:
+    return f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
 def test_tables_and_figure_are_written(report):
     tables = (report / "tables.md").read_text()
-    for title in ("Table 2", "Table 3", "Table 4", "Fig. 4"):
-        assert title in tables
-    assert "| item-CF |" in tables and "TDM attention-DNN (relearnt twice)" in tables
     assert (report / "fig4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads((report / "results.json").read_text())
-    assert render(result) + "\n" == tables
-    fig4 = result["summary"]["fig4"]
-    assert len(fig4["beam"]) == len(fig4["level"]) and fig4["beam"][0] == pytest.approx(1.0)
+    assert render(result) + "\n" == tables  # the file is the JSON's rendering
+    rows, per_seed = result["summary"]["rows"], [result["per_seed"][s] for s in ("0", "1")]
+    keys = {  # row label -> summary row, in the tables' order: baselines, then TDM by tree
+        "most-popular": "popular",
+        "item-CF": "itemcf",
+        "TDM attention-DNN (category tree)": "attention_dnn/round_0",
+        "TDM product-DNN (category tree)": "product_dnn/round_0",
+        "TDM attention-DNN (learnt tree)": "attention_dnn/round_1",
+        "TDM product-DNN (learnt tree)": "product_dnn/round_1",  # other variants: two rounds
+        "TDM attention-DNN (relearnt twice)": "attention_dnn/round_2",
+    }
+    labels = list(keys)
+    metrics = {
+        "Precision": "precision",
+        "Recall": "recall",
+        "F-measure": "f_measure",
+        "Novelty": "novelty",
+    }
+
+    # Table 2: every method a row (baselines first, then TDM by tree), each cell its mean ± std
+    table2 = md_table(tables, "Table 2")
+    assert list(table2) == labels
+    for label, key in keys.items():
+        assert len(table2[label]) == 8  # 4 metrics x (none, items)
+        for column, metric in metrics.items():
+            for mode in ("none", "items"):
+                stat = rows[key][mode][metric]
+                assert table2[label][f"{column} ({mode})"] == pct(stat["mean"], stat["std"])
+    # ... computed here from the per-seed numbers, not from the summary
+    recalls = [p["baselines"]["itemcf"]["test"]["none"]["recall"] for p in per_seed]
+    want = pct(np.mean(recalls), np.std(recalls, ddof=1))
+    assert table2["item-CF"]["Recall (none)"] == want and not want.endswith("± 0.00")
+    precisions = [
+        p["tdm"]["product_dnn"]["rounds"][1]["test"]["items"]["precision"] for p in per_seed
+    ]
+    cell = table2["TDM product-DNN (learnt tree)"]["Precision (items)"]
+    assert cell == pct(np.mean(precisions), np.std(precisions, ddof=1))
+
+    # Table 3: the categories mode only; Table 4: the attention-DNN per tree, no novelty
+    table3 = md_table(tables, "Table 3")
+    assert list(table3) == labels
+    novelty = rows["popular"]["categories"]["novelty"]
+    assert table3["most-popular"]["Novelty (categories)"] == pct(novelty["mean"], novelty["std"])
+    assert all(len(cols) == 4 for cols in table3.values())
+    table4 = md_table(tables, "Table 4")
+    assert list(table4) == [label for label in labels if "attention-DNN" in label]
+    stat = rows["attention_dnn/round_2"]["items"]["f_measure"]
+    assert table4["TDM attention-DNN (relearnt twice)"]["F-measure (items)"] == pct(
+        stat["mean"], stat["std"]
+    )
+    assert "Novelty (none)" not in table4["TDM attention-DNN (category tree)"]
+
+    # Fig. 4: level-wise recall of the product-DNN's first round, mean ± std over the seeds
+    fig4 = md_table(tables, "Fig. 4")
+    layerwise = [p["tdm"]["product_dnn"]["rounds"][0]["layerwise_recall"] for p in per_seed]
+    levels = result["summary"]["fig4"]["level"]
+    assert list(fig4) == [str(level) for level in levels] and len(levels) >= 2
+    for i, level in enumerate(levels):
+        for column, key in (("beam search", "beam"), ("brute force", "brute_force")):
+            xs = [lw[key][i] for lw in layerwise]
+            assert fig4[str(level)][column] == pct(np.mean(xs), np.std(xs, ddof=1))
+    assert fig4[str(levels[0])]["beam search"].startswith("100.00 ± ")
 
 
 def test_finished_methods_are_reused_only_with_the_settings_they_depend_on(report, monkeypatch):

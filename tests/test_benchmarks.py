@@ -1,8 +1,9 @@
 """The benchmark scripts run end to end at tiny sizes, and their checks catch what they claim to.
 
-Timings are not asserted (these machines are shared); the numbers the scripts report are. Each
-script runs in its own process, as ``make bench`` runs it (it sets OpenMP's wait policy before
-torch loads).
+Timings are not asserted (these machines are shared); the numbers the scripts report are: node
+counts against Algorithm 1's bound, and rates that agree with each other (samples/s times ms per
+batch is the batch size, and so on). Each script runs in its own process, as ``make bench`` runs
+it (it sets OpenMP's wait policy before torch loads).
 """
 
 import json
@@ -10,9 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -20,6 +23,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import beam_search  # noqa: E402
 from tdm.config import ModelConfig  # noqa: E402
 from tdm.model import build_model  # noqa: E402
+from tdm.tree import Tree  # noqa: E402
 
 
 def run(script: str, *args: str) -> None:
@@ -64,11 +68,34 @@ def test_beam_search_benchmark(tmp_path):
     report = json.loads(path.read_text())
     assert report["machine"]["torch_threads"] == 2
     assert len(report["results"]) == 2 and set(report["profiles"]) == {"dnn", "attention_dnn"}
+    # the benchmark's tree: near-complete binary over 3000 leaves (leaves at levels 11 and 12)
+    sizes = Tree.from_ordered_items(np.arange(3000), 2).level_sizes[1:]
+    bound = int(np.minimum(sizes, 2 * 4).sum())  # Algorithm 1: at most k * arity per level
     for row in report["results"]:
-        assert row["max_nodes_per_user"] <= row["nodes_bound"] <= row["bound_2k_depth"]
-        assert row["user_state_rows"] == row["probe_users"]  # every user once
+        k = row["k"]
+        assert (row["leaves"], k, row["depth"]) == (3000, 4, len(sizes))
+        assert row["nodes_bound"] == bound and row["bound_2k_depth"] == 2 * k * len(sizes)
+        assert row["nodes_per_user"] <= row["max_nodes_per_user"] <= bound
+        # a full beam: only the last level (children of inner nodes among 2k) may fall short
+        assert row["nodes_per_user"] >= bound - 2 * k
+        assert row["user_state_rows"] == row["probe_users"] and row["user_state_calls"] == 1
         assert row["score_flop_per_user_per_call"] == 0
-        assert row["score_gflops"] > 0 and row["brute_ms_per_user"] > 0
+        # the rates are the same measurements read three ways
+        assert (row["batches"], row["single_users"]) == (2, 2)  # --min/--max-* pin both
+        assert row["users_per_s"] * row["ms_per_user_batched"] == pytest.approx(1e3)
+        # two batches: the median batch is the mean one
+        assert row["ms_per_user_batched"] == pytest.approx(row["batch_ms_p50"] / row["batch_users"])
+        assert row["batch_ms_p50"] <= row["batch_ms_p99"]
+        assert row["single_ms_p50"] <= row["single_ms_p99"]
+        assert row["speedup_batched"] == pytest.approx(
+            row["brute_ms_per_user"] / row["ms_per_user_batched"]
+        )
+        assert row["speedup_single_p50"] == pytest.approx(
+            row["brute_ms_per_user"] / row["single_ms_p50"]
+        )
+        assert 1 <= row["brute_users_timed"] <= 2  # --max-brute 2
+        # ``score`` runs inside the timed searches: a positive share of their time, at most all
+        assert 0 < row["score_share_of_time"] <= 1 and 0 < row["single_score_share_of_time"] <= 1
 
 
 def test_training_benchmark(tmp_path):
@@ -76,10 +103,27 @@ def test_training_benchmark(tmp_path):
     args += ["--max-batches", "3", "--no-profile", "--out", str(tmp_path)]
     run("training", *args)
     report = json.loads(next(tmp_path.glob("training_*.json")).read_text())
+    depth = report["settings"]["tree_depth"]
     for row in report["results"]:
-        assert row["sampler_pairs_per_s"] > 0 and row["step_pairs_per_s"] > 0
-        assert row["train_pairs_per_s"] > 0
-        assert row["pairs_per_sample"] > report["settings"]["tree_depth"]  # negatives too
+        negatives, batch = row["total_negatives"], row["batch"]
+        assert len(row["negatives_per_level"]) == depth
+        assert sum(row["negatives_per_level"]) == negatives == 100
+        # a positive and its level's negatives per level, fewer where a leaf sits higher up
+        assert depth < row["pairs_per_sample"] <= depth + negatives
+        for kind in ("step", "train"):
+            pairs_per_sample = row[f"{kind}_pairs_per_s"] / row[f"{kind}_samples_per_s"]
+            assert depth < pairs_per_sample <= depth + negatives
+        # rates agree with each other: every batch here is a full one
+        sampler_pairs = row["sampler_samples_per_s"] * row["pairs_per_sample"]
+        assert row["sampler_pairs_per_s"] == pytest.approx(sampler_pairs)
+        for kind in ("sampler", "step"):
+            samples_per_batch = row[f"{kind}_samples_per_s"] * row[f"{kind}_ms_per_batch"] / 1e3
+            assert samples_per_batch == pytest.approx(batch)
+        assert row["step_batches"] >= 16  # every device batch at least once
+        assert row["sampler_over_step"] == pytest.approx(
+            row["sampler_pairs_per_s"] / row["step_pairs_per_s"]
+        )
+        assert row["train_samples"] == 8 * batch  # --budget 0: the 8-batch minimum epoch
 
 
 @pytest.mark.slow

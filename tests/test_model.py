@@ -13,6 +13,7 @@ from tdm.config import ModelConfig
 from tdm.model import (
     MODELS,
     AttentionDNN,
+    AttentionState,
     build_model,
     resolve_model_class,
     select_state,
@@ -105,6 +106,22 @@ def test_contract_shapes_state_and_select(name):
     idx = torch.tensor([3, 0])
     torch.testing.assert_close(model.score(select_state(state, idx), nodes[idx]), logits[idx])
     assert model.embedding.num_embeddings == N_EMB
+    with torch.no_grad():  # retrieval's state too: every part has the user dimension first
+        for each in (state, model.user_state(hist, windows)):
+            parts = [each] if isinstance(each, torch.Tensor) else each
+            assert all(t.shape[0] == hist.shape[0] for t in parts if t is not None)
+
+
+def test_select_state_keeps_tensors_tuples_and_named_tuples():
+    a, b = torch.arange(5), torch.arange(10).view(5, 2)
+    idx = torch.tensor([4, 1])
+    assert torch.equal(select_state(a, idx), a[idx])  # a user model's tensor state
+    picked = select_state((a, b), slice(1, 3))  # a plain tuple stays a plain tuple
+    assert type(picked) is tuple and torch.equal(picked[1], b[1:3])
+    state = AttentionState(a, b, a * 2)  # no unit: None parts stay None
+    picked = select_state(state, torch.tensor([True, False, True, False, False]))
+    assert isinstance(picked, AttentionState) and picked.unit is None and picked.linear is None
+    assert picked.emb.tolist() == [0, 2] and picked.spread.tolist() == [0, 4]
 
 
 def test_padding_does_not_change_output(name):
@@ -138,15 +155,28 @@ def test_attention_inference_state_carries_pair_weights_and_scores_the_same(monk
     model = randomised("attention_dnn")
     hist, windows, nodes = make_inputs()
     ref = naive_attention(model, hist, windows, nodes)
+    B, L = hist.shape
+    D, H = SMALL["embedding_dim"], SMALL["attention_hidden"]
     with torch.no_grad():
         state = model.user_state(hist, windows)
-        assert len(state) == 5  # retrieval: the unit and its linear share built once per user
+        # retrieval: the unit and its linear share are built once per user
+        assert isinstance(state, AttentionState)
+        assert state.emb.shape == (B, L, D) and state.user_part.shape == (B, L, H)
+        assert state.spread.shape == (B, L, W * D)
+        assert state.unit.shape == (B, D + 1, L * H) and state.linear.shape == (B, D + 1, L)
         for chunk_elements in (1, 100, 1 << 21):
             monkeypatch.setattr(model_mod, "CPU_CHUNK_ELEMENTS", chunk_elements)
             torch.testing.assert_close(model.score(state, nodes), ref)
         idx = torch.tensor([3, 0])
-        torch.testing.assert_close(model.score(select_state(state, idx), nodes[idx]), ref[idx])
-    assert len(model.user_state(hist, windows)) == 3  # training: built chunk by chunk
+        picked = select_state(state, idx)
+        assert isinstance(picked, AttentionState)
+        torch.testing.assert_close(picked.unit, state.unit[idx])
+        torch.testing.assert_close(model.score(picked, nodes[idx]), ref[idx])
+    training = model.user_state(hist, windows)  # training: the unit is built chunk by chunk
+    assert training.unit is None and training.linear is None
+    picked = select_state(training, idx)
+    assert isinstance(picked, AttentionState) and picked.unit is None and picked.linear is None
+    torch.testing.assert_close(model.score(picked, nodes[idx]), ref[idx])
 
 
 def test_attention_split_gradients_equal_naive():

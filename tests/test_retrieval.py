@@ -1,10 +1,15 @@
+import time
+import tracemalloc
+from pathlib import Path
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tdm.metrics import csr_rows, layerwise_recall
-from tdm.retrieval import beam_search, brute_force, tree_tensors
+from tdm.metrics import complement, csr_rows, layerwise_recall
+from tdm.retrieval import SearchStats, beam_search, brute_force, tree_tensors
 from tdm.tree import Tree
 
 
@@ -52,7 +57,11 @@ def max_heap(tree: Tree, n_users: int, seed: int) -> np.ndarray:
 
 
 def expected_top(leaf_scores: np.ndarray, tree: Tree, k: int):
-    """Brute-force reference: (U, n_nodes) scores -> top-k item ids and scores, padded."""
+    """Brute-force reference: (U, n_nodes) scores -> top-k item ids and scores.
+
+    k is capped at the number of items, as retrieval does; -inf scores keep their item id.
+    """
+    k = min(k, tree.n_items)
     leaves = tree.leaf_nodes
     order = np.argsort(-leaf_scores[:, leaves], axis=1, kind="stable")[:, :k]
     items = tree.node_item[leaves][order]
@@ -110,16 +119,18 @@ def test_beam_search_equals_brute_force_on_max_heap(name, k):
     values = max_heap(tree, n_users, seed=k)
     model = TableScorer(values, tree)
     hist, windows = inputs(n_users)
-    stats = {}
-    items, scores = beam_search(model, tree, hist, windows, k, batch_size=3, stats=stats)
+    items, scores, stats = beam_search(model, tree, hist, windows, k, batch_size=3, with_stats=True)
     want_items, want_scores = expected_top(values, tree, k)
+    assert items.shape == (n_users, min(k, tree.n_items))  # k = 40 > every tree's items
     np.testing.assert_array_equal(items, want_items)
     np.testing.assert_allclose(scores, want_scores.astype(np.float32))
     bf_items, bf_scores = brute_force(model, tree, hist, windows, k, node_chunk=4)
     np.testing.assert_array_equal(bf_items, want_items)
     np.testing.assert_allclose(bf_scores, want_scores.astype(np.float32))
-    assert stats["max_nodes_scored"] <= k * tree.max_arity * tree.depth
-    assert stats["max_nodes_scored"] <= tree.n_nodes - 1  # the root is never scored
+    assert stats.max_nodes_scored <= k * tree.max_arity * tree.depth
+    assert stats.max_nodes_scored <= tree.n_nodes - 1  # the root is never scored
+    assert stats.nodes_scored == stats.nodes_scored_per_user.sum()
+    assert stats.max_nodes_scored == stats.nodes_scored_per_user.max()
 
 
 def test_algorithm_1_by_hand_leaves_do_not_take_beam_slots():
@@ -127,11 +138,10 @@ def test_algorithm_1_by_hand_leaves_do_not_take_beam_slots():
     # node:      0  1  2  3  4  5   6  7  8   9  10  11 12 13 (items: 1->0, 4->1, 7->2, 8->3,
     node_logit = [0, 5, 1, 0, 3, 2, -1, 6, 4, 10, -2, -3, 7, 8]  # 9->4, 11->5, 12->6, 13->7)
     model = TableScorer(np.array([node_logit], dtype=float), tree)
-    stats = {}
-    items, scores = beam_search(model, tree, *inputs(1), 1, stats=stats)
+    items, scores, stats = beam_search(model, tree, *inputs(1), 1, with_stats=True)
     # level 1: leaf 1 goes to A, beam {2}; level 2: leaf 4 to A, beam {5}; level 3: leaves 8, 9
     assert items.tolist() == [[4]] and scores.tolist() == [[10.0]]
-    assert stats["nodes_scored"] == 3 + 2 + 2
+    assert stats.nodes_scored == 3 + 2 + 2 and stats.nodes_scored_per_user.tolist() == [7]
     items, scores = beam_search(model, tree, *inputs(1), 2)
     assert items.tolist() == [[4, 7]] and scores.tolist() == [[10.0, 8.0]]
     # with k=1 the subtree of node 3 (items 2, 6, 7) is pruned: item 7 (8.0) is never seen
@@ -142,10 +152,14 @@ def test_algorithm_1_by_hand_leaves_do_not_take_beam_slots():
 def test_nodes_scored_within_paper_bound():
     tree = Tree.from_ordered_items(np.arange(1024), 2)  # complete binary, depth 10
     values = max_heap(tree, 4, seed=0)
-    stats = {}
-    beam_search(TableScorer(values, tree), tree, *inputs(4), k=8, stats=stats)
-    assert stats["max_nodes_scored"] <= 2 * 8 * tree.depth  # Sec. 3.3: at most 2k log|C|
-    assert stats["score_calls"] == tree.depth and stats["user_state_calls"] == 1
+    *_, stats = beam_search(TableScorer(values, tree), tree, *inputs(4), k=8, with_stats=True)
+    assert stats.max_nodes_scored <= 2 * 8 * tree.depth  # Sec. 3.3: at most 2k log|C|
+    assert stats.score_calls == tree.depth and stats.user_state_calls == 1
+    *_, stats = brute_force(
+        TableScorer(values, tree), tree, *inputs(4), 8, node_chunk=100, with_stats=True
+    )
+    assert stats.nodes_scored_per_user.tolist() == [1024] * 4
+    assert stats.score_calls == 11 and stats.user_state_calls == 1  # ceil(1024 / 100) chunks
 
 
 @pytest.mark.parametrize("name", ["binary_13", "uneven", "random_a"])
@@ -209,13 +223,92 @@ def test_excluding_everything_pads():
     assert (items == -1).all() and np.isneginf(scores).all()
 
 
+def _peak_rss_since_reset() -> int | None:
+    """Linux: the process's peak resident memory (bytes) since ``_reset_peak_rss``; else None."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return False
+    return True
+
+
+def test_k_beyond_the_corpus_returns_every_item_without_allocating_k_columns():
+    tree = TREES["binary_13"]()
+    n_users, k = 7, 10**7  # k columns would be 7 * 10**7 * 12 bytes per result, levels on top
+    values = max_heap(tree, n_users, seed=4)
+    model = TableScorer(values, tree)
+    beam_search(model, tree, *inputs(n_users), 2)  # warm up lazy initialisation
+    rss_reset = _reset_peak_rss()
+    rss_before = _peak_rss_since_reset()
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        items, scores, levels, stats = beam_search(
+            model, tree, *inputs(n_users), k, return_levels=True, with_stats=True
+        )
+        bf_items, bf_scores = brute_force(model, tree, *inputs(n_users), k)
+        level_ids, _ = brute_force(model, tree, *inputs(n_users), k, level=2)
+        host_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    seconds = time.perf_counter() - start
+    assert seconds < 2.0 and host_peak < 1 << 20  # numpy results: n_items columns, not k
+    if rss_reset and rss_before is not None:  # torch's buffers too
+        assert _peak_rss_since_reset() - rss_before < 64 << 20
+    assert items.shape == scores.shape == bf_items.shape == (n_users, tree.n_items)
+    assert all(level.shape == (n_users, tree.n_items) for level in levels)
+    want_items, want_scores = expected_top(values, tree, tree.n_items)  # every item, best first
+    np.testing.assert_array_equal(items, want_items)  # a max-heap: the beam finds them all
+    np.testing.assert_array_equal(bf_items, want_items)
+    np.testing.assert_allclose(scores, want_scores.astype(np.float32))
+    np.testing.assert_array_equal(scores, bf_scores)
+    assert (items >= 0).all() and np.isfinite(scores).all()  # no padding without exclude
+    # a level with fewer nodes than columns is padded; beam and brute force agree on it
+    assert (levels[2][:, 4:] == -1).all() and (levels[2][:, :4] >= 0).all()
+    np.testing.assert_array_equal(levels[2], level_ids)
+    assert isinstance(stats, SearchStats) and stats.max_nodes_scored == tree.n_nodes - 1
+    # complement (Sec. 5.3) takes the narrower lists and fills M from the fallback order
+    seen = (np.array([want_items[0, 0]]), np.array([0, 1] + [1] * (n_users - 1)))
+    fill, _ = complement(items, *seen, np.arange(tree.n_items), 15, scores=scores)
+    n = tree.n_items
+    assert fill.shape == (n_users, 15) and (fill[0, n - 1 :] == -1).all()  # the corpus ran out
+    np.testing.assert_array_equal(fill[0, : n - 1], want_items[0, 1:])
+    np.testing.assert_array_equal(fill[1:, :n], want_items[1:])
+    assert (fill[1:, n:] == -1).all()
+
+
+def test_exclude_pads_only_where_items_run_out():
+    tree = TREES["binary_13"]()
+    values = max_heap(tree, 2, seed=6)
+    model = TableScorer(values, tree)
+    exclude = np.zeros((2, tree.n_items), dtype=bool)
+    exclude[0, :5] = True  # user 0: 8 items left of 13
+    items, scores = beam_search(model, tree, *inputs(2), 100, exclude=exclude)
+    assert items.shape == (2, tree.n_items)
+    assert (items[0, :8] >= 0).all() and (items[0, 8:] == -1).all()
+    assert np.isneginf(scores[0, 8:]).all() and set(items[0, :8].tolist()) == set(range(5, 13))
+    assert (items[1] >= 0).all()
+    bf_items, _ = brute_force(model, tree, *inputs(2), 100, exclude=exclude)
+    np.testing.assert_array_equal(bf_items, items)
+
+
 def test_single_item_tree():
     tree = Tree(np.array([-1]), np.array([0]))
     model = TableScorer(np.array([[0.5], [-1.0]]), tree)
     items, scores, levels = beam_search(model, tree, *inputs(2), 2, return_levels=True)
-    assert items.tolist() == [[0, -1], [0, -1]]
+    assert items.tolist() == [[0], [0]]  # k is capped at the one item
     np.testing.assert_allclose(scores[:, 0], [0.5, -1.0])
-    assert len(levels) == 1
+    assert len(levels) == 1 and levels[0].tolist() == [[0], [0]]
 
 
 def test_user_state_once_per_batch_and_mode_restored():
@@ -316,17 +409,38 @@ class TupleStateScorer(TableScorer):
         return super().score(user, node_rows)
 
 
-@pytest.mark.parametrize("scorer", [TableScorer, TupleStateScorer])
+class PartsState(NamedTuple):
+    user: torch.Tensor
+    copy: torch.Tensor
+    extra: torch.Tensor | None = None
+
+
+class NamedTupleStateScorer(TableScorer):
+    """TableScorer whose state is a NamedTuple with an absent (None) part, as AttentionDNN's."""
+
+    def user_state(self, hist, windows):
+        user = super().user_state(hist, windows)
+        return PartsState(user, user.float().unsqueeze(1))  # (B,), (B, 1), None
+
+    def score(self, state, node_rows):
+        assert isinstance(state, PartsState) and state.extra is None  # kept through slicing
+        assert torch.equal(state.user.float(), state.copy[:, 0])
+        return super().score(state.user, node_rows)
+
+
+@pytest.mark.parametrize("scorer", [TableScorer, TupleStateScorer, NamedTupleStateScorer])
 def test_cache_sized_score_chunks_change_nothing(scorer, monkeypatch):
     tree = TREES["random_a"]()
     n_users, k = 9, 5
     values = max_heap(tree, n_users, seed=11)
     want = beam_search(scorer(values, tree), tree, *inputs(n_users), k, ranking="path")
-    stats = {}
     monkeypatch.setattr("tdm.retrieval.CPU_SCORE_PAIRS", 7)  # a few users per score call
-    got = beam_search(scorer(values, tree), tree, *inputs(n_users), k, ranking="path", stats=stats)
+    got = beam_search(
+        scorer(values, tree), tree, *inputs(n_users), k, ranking="path", with_stats=True
+    )
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
-    assert stats["score_calls"] > tree.depth and stats["user_state_calls"] == 1
+    stats = got[2]
+    assert stats.score_calls > tree.depth and stats.user_state_calls == 1
     top = beam_search(scorer(values, tree), tree, *inputs(n_users), k)[0]
     np.testing.assert_array_equal(top, expected_top(values, tree, k)[0])
