@@ -4,7 +4,8 @@ on the validation users, every TDM variant through its rounds), then the paper's
 MLflow: a parent run ``benchmark-<dataset>`` (experiment ``tdm-benchmark``) with the mean and
 standard deviation of every (method, filter mode, metric) and the report files (``results.json``,
 ``tables.md``, ``fig4.png``); one nested run per seed with that seed's values and chosen
-hyper-parameters.
+hyper-parameters. Bad input (params, data) fails the flow with one line and no traceback, and
+``python -m flows.benchmark`` with exit status 2, as ``flows.pipeline``.
 
     python -m flows.benchmark --dataset ml-latest-small --seeds 0,1,2,3,4 \\
         --set data.source=movielens --set data.path=../shared/data/ml-latest-small
@@ -13,6 +14,7 @@ hyper-parameters.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from tasks.steps import expected_errors, fails_readably, one_line
 from tasks.tracking import (
     log_file,
     log_metrics,
@@ -61,6 +64,7 @@ def _modes(result: dict) -> list[str]:
 
 
 @flow(name="tdm-benchmark")
+@fails_readably
 def tdm_benchmark(
     params: str = "params.yaml",
     overrides: list[str] | None = None,
@@ -87,7 +91,8 @@ def tdm_benchmark(
         work: scratch folder (finished seeds are reused from it); default a temporary folder.
         tracking_uri: MLflow store (default ``sqlite:///<root>/mlflow.db``).
     Returns:
-        The report (``tdm.benchmark.assemble``).
+        The report (``tdm.benchmark.assemble``); on bad input a ``Failed`` state whose message
+        is the error's one line and whose result raises it.
     """
     cfg = load_config(params, list(overrides or []))
     dataset = dataset or cfg.data.source
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--work")
     parser.add_argument("--tracking-uri")
     args = parser.parse_args(argv)
-    report = tdm_benchmark(
+    state = tdm_benchmark(
         params=args.params,
         overrides=args.overrides,
         dataset=args.dataset,
@@ -191,7 +196,13 @@ def main(argv: list[str] | None = None) -> dict:
         root=args.root,
         work=args.work,
         tracking_uri=args.tracking_uri,
+        return_state=True,
     )
+    try:
+        report = state.result()  # raises the flow's error
+    except expected_errors() as exc:
+        print(f"tdm-benchmark: error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
     print(benchmark.render(report))
     return report
 

@@ -6,6 +6,8 @@ With a Prefect server running (``make prefect-ui``) and ``PREFECT_API_URL`` poin
 
 registers the deployment ``tdm-pipeline/tdm`` and runs the flow runs the UI (Deployments -> Run,
 with editable parameters) or ``prefect deployment run 'tdm-pipeline/tdm' --watch`` create.
+A run with ``overrides`` (or ``rounds``) writes to ``<root>/runs/<flow run name>/``, leaving the
+outputs DVC recorded in ``<root>`` as they are; two runs on one folder do not start together.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     tdm_pipeline.serve(
         name=args.name,
         parameters={"params": args.params, "root": args.root},
-        description="TDM rounds: GX validation, prepare, tree init, train/evaluate/relearn.",
+        description=(
+            "TDM rounds: GX validation, prepare, tree init, train/evaluate/relearn. With "
+            "overrides, the files go to <root>/runs/<flow run name>/."
+        ),
     )
 
 

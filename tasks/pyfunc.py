@@ -12,9 +12,12 @@ Output: ``user``, ``rank`` (0 = best), ``item_id``, ``score``.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -86,6 +89,21 @@ def requirements() -> list[str]:
     ]
 
 
+@contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """No "Downloading artifacts" bar in the task log while MLflow copies the model folder."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def save(model_dir: str | Path, path: str | Path) -> Path:
     """Write the MLflow model of the trained folder ``model_dir`` to the new folder ``path``."""
     import tasks
@@ -97,8 +115,10 @@ def save(model_dir: str | Path, path: str | Path) -> Path:
             source = Path(package.__file__).parent
             packages.append(str(Path(code) / source.name))
             shutil.copytree(source, packages[-1], ignore=shutil.ignore_patterns("__pycache__"))
-        with warnings.catch_warnings():  # an input example would cost a model load per round
+        with warnings.catch_warnings(), _no_progress_bar():
+            # an input example would cost a model load per round; the signature is explicit
             warnings.filterwarnings("ignore", message=".*input example.*")
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
             mlflow.pyfunc.save_model(
                 path=str(path),
                 python_model=str(Path(__file__).with_name("pyfunc_model.py")),

@@ -2,16 +2,26 @@
 ``tdm.paths.Paths`` layout (so the artefacts land where ``tdm <command>`` and ``dvc repro`` put
 them), logs to MLflow when given a run, and returns the path of what it wrote.
 
-Retries only where a failure can be transient (reading the raw data); training and evaluation
-are deterministic, so a retry would fail the same way. Caching is DVC's job: no Prefect cache.
+Retries only where a failure can be transient (reading the raw data), and never for bad input;
+training and evaluation are deterministic, so a retry would fail the same way. Caching is DVC's
+job: no Prefect cache.
+
+Bad input (params, data, a failed validation, a locked root) is not a bug: the flow fails with
+the error's one-line message and no traceback (``expected_errors``, ``quiet_expected_failures``).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from tasks.tracking import (
     RunRef,
@@ -24,7 +34,135 @@ from tasks.tracking import (
 )
 from tdm import stages
 from tdm.config import Config, load_config
+from tdm.data.checks import expected_window
 from tdm.paths import Paths
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the input's or the environment's fault, never a bug (``tdm.errors``):
+    bad params or data, a tree or artefact file that does not load, a root in use, failed
+    Great Expectations validation (``ValidationFailed``)."""
+    from tdm.errors import TdmError
+
+    return (TdmError,)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (a validation failure lists its expectations)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class ExpectedFailureFilter(logging.Filter):
+    """Drops the record Prefect's task and flow engines log, with its traceback, for an
+    ``expected_errors`` exception ("Task run failed with exception: ..."), and a traceback
+    attached to no exception (Prefect 3.9 logs a task that returns a ``Failed`` state with
+    ``exc_info=True``, printed as ``NoneType: None``). The failed state, with its message, is
+    still logged ("Finished in state Failed(...)") and shown in the UI."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info:
+            return True
+        exc = record.exc_info[1]
+        if exc is None:
+            record.exc_info = None
+            return True
+        return not isinstance(exc, expected_errors())
+
+
+ENGINE_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
+
+
+def quiet_expected_failures() -> None:
+    """Install ``ExpectedFailureFilter`` on the loggers of Prefect's engines (once). Prefect 3.9
+    has no setting for this: its task engine logs every failure with ``exc_info=True``
+    (``prefect/task_engine.py``, ``handle_retry``)."""
+    for name in ENGINE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ExpectedFailureFilter) for f in logger.filters):
+            logger.addFilter(ExpectedFailureFilter())
+
+
+def fails_readably(flow_fn: Callable[P, R]) -> Callable[P, R | State]:
+    """For a flow function, under ``@flow``: bad input (``expected_errors``) ends the flow run
+    in a ``Failed`` state whose message is the error's one line and whose ``result()`` raises
+    the error, with no traceback logged by the flow or its tasks (``quiet_expected_failures``).
+    Other exceptions (bugs) keep Prefect's traceback."""
+    from prefect.states import Failed
+
+    @functools.wraps(flow_fn)  # Prefect reads the parameters through __wrapped__
+    def run(*args: P.args, **kwargs: P.kwargs) -> R | State:
+        quiet_expected_failures()
+        try:
+            return flow_fn(*args, **kwargs)
+        except expected_errors() as exc:
+            return Failed(message=one_line(exc), data=exc)
+
+    return run
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run's logger (shown with the run in the UI); this module's outside a run
+    (a task called through ``.fn()``)."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def retry_unless_expected(task, task_run, state) -> bool:
+    """A ``retry_condition_fn``: retry a failure unless it is bad input (``expected_errors``)."""
+    return not isinstance(state.data, expected_errors())
+
+
+def config_differs(cfg: Config, params: str | Path) -> bool:
+    """Whether the run's config is not its params file's (overrides, or another round count;
+    also when the file alone does not load, but does with the run's overrides)."""
+    from tdm.config import ConfigError
+
+    try:
+        return cfg != load_config(params)
+    except ConfigError:
+        return True
+
+
+RUN_FILE = "flow_run.json"
+
+
+def artefact_root(
+    cfg: Config, params: str | Path, root: str | Path, run_name: str, run_id: str
+) -> Path:
+    """Where a flow run writes its files: ``root`` when it runs on ``params`` unchanged (what DVC
+    records), else its own ``<root>/runs/<run_name>/``, so that a run with overrides never
+    replaces the recorded outputs. A folder already holding another flow run's files (its
+    ``flow_run.json`` names another id) gets the id's first 8 characters appended."""
+    if not config_differs(cfg, params):
+        return Path(root)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", run_name or "").strip(".-") or "run"
+    folder = Path(root) / "runs" / name
+    marker = folder / RUN_FILE
+    if marker.exists():
+        import json
+
+        try:
+            other = json.loads(marker.read_text()).get("flow_run_id")
+        except ValueError:
+            other = None
+        if other != run_id:
+            folder = folder.with_name(f"{name}-{run_id[:8]}")
+    return folder
+
+
+def write_run_file(folder: Path, **info: object) -> Path:
+    """``<folder>/flow_run.json``: which flow run wrote the folder, with what params."""
+    from tdm.io import write_json
+
+    return write_json(Path(folder) / RUN_FILE, info)
 
 
 @task(name="load-config", cache_policy=NO_CACHE)
@@ -36,7 +174,13 @@ def config_task(
     return load_config(params, [*(overrides or []), *extra])
 
 
-@task(name="prepare", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(
+    name="prepare",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_unless_expected,
+    cache_policy=NO_CACHE,
+)
 def prepare_task(cfg: Config, root: str) -> str:
     """Raw data -> ``<root>/prepared`` (``tdm.stages.prepare``). Returns the folder."""
     out = Paths(Path(root)).prepared
@@ -66,10 +210,21 @@ def train_task(
     """Train on ``tree`` -> ``<root>/models/round_<r>`` (``tdm.stages.train``; the GPU step,
     ``train.device: auto`` picks CUDA when present). Per-epoch ``loss`` and ``valid_recall`` go
     to ``run`` with ``step=epoch``; then the loss curve (PNG) and the model as an MLflow pyfunc
-    model that loads back (``tasks.pyfunc``). Returns the model folder."""
+    model that loads back (``tasks.pyfunc``). Each epoch's loss and validation recall also go to
+    the task run's log. Returns the model folder."""
     out = Paths(Path(root)).model(round_)
+    logger = run_logger()
 
     def on_epoch(epoch: int, stats: dict) -> None:
+        logger.info(
+            "epoch %d/%d: loss %.4f, validation Recall@%d %.4f (%.0f samples/s)",
+            epoch + 1,
+            cfg.train.epochs,
+            stats.get("loss", float("nan")),
+            cfg.eval.topk,
+            stats.get("valid_recall", float("nan")),
+            stats.get("samples_per_s", float("nan")),
+        )
         if run is not None:
             log_metrics(
                 run,
@@ -84,6 +239,14 @@ def train_task(
         out,
         init_from=Path(init_from) if init_from else None,
         callback=on_epoch,
+    )
+    logger.info(
+        "round %d: %d epochs in %.1f s on %s, kept epoch %d",
+        round_,
+        len(summary["losses"]),
+        summary["seconds"],
+        summary["device"],
+        summary["best_epoch"] + 1,
     )
     if run is not None:
         log_metrics(
@@ -126,6 +289,7 @@ def evaluate_task(
             paths.tree(round_),
             report["tree"],
             Path(previous_tree) if previous_tree else None,
+            first_round=round_ == 0,
         )
         log_file(run, out, "metrics")
         from tasks import figures
@@ -213,21 +377,6 @@ def log_config(run: RunRef, cfg: Config, **extra: object) -> None:
     log_params(run, {**cfg.to_dict(), **extra})
 
 
-# The UserBehavior data set's documented window (UTC+8 days 2017-11-25..2017-12-03), which the
-# synthetic generator's default timeline also covers.
-USERBEHAVIOR_WINDOW = (1511539200, 1511539200 + 9 * 86400)
-
-
-def expected_window(cfg: Config) -> tuple[int, int] | None:
-    """The timestamps a raw data set should lie in, when its source has a known window."""
-    if cfg.data.source == "userbehavior":
-        return USERBEHAVIOR_WINDOW
-    if cfg.data.source == "synthetic":
-        start = cfg.synthetic.start_timestamp
-        return start, start + cfg.synthetic.days * 86400
-    return None
-
-
 def _keep_report(report, root: str, name: str, run: RunRef | None) -> Path:
     from tdm.io import write_text
 
@@ -252,7 +401,8 @@ def validate_raw_task(cfg: Config, root: str, run: RunRef | None = None) -> str:
     from tdm.data.loaders import load_dataset
 
     frame = load_dataset(cfg.data, cfg.synthetic)
-    report = validate_raw(frame, cfg.data.path or cfg.data.source, window=expected_window(cfg))
+    window = expected_window(cfg.data, cfg.synthetic)
+    report = validate_raw(frame, cfg.data.path or cfg.data.source, window=window)
     path = _keep_report(report, root, "raw", run)
     require(report)
     return str(path)

@@ -23,6 +23,14 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "tdm-pipeline"
 PARENT_TAG = "mlflow.parentRunId"
 MLFLOW_UI = "http://127.0.0.1:5000"  # `make mlflow-ui`
+# MLflow 3's UI shows an experiment as "GenAI apps & agents" (traces) or "Machine learning"
+# (runs). The experiment tag below records the kind (the UI's own "experiment type" setting
+# writes it); MLflow 3.17's UI decides by its workflow switch, which a link sets with
+# ``?workflowType=machine_learning`` (both read from its bundled JS, ``mlflow/server/js``).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_VIEW = "workflowType=machine_learning"
+ARTEFACT_ROOT = "artefact_root"  # parent-run tag and param: the folder the run's files went to
 _BATCH = 100  # MLflow accepts at most 100 params / 1000 metrics per log_batch call
 
 
@@ -48,16 +56,21 @@ class RunRef:
 
 
 def experiment_id(tracking_uri: str, root: str | Path, name: str = EXPERIMENT) -> str:
-    """The experiment ``name``, created if missing; a local store keeps its artefacts under
-    ``<root>/mlartifacts`` rather than in the working directory."""
+    """The experiment ``name``, created if missing, of the model-training kind (tagged
+    ``mlflow.experimentKind``, also on an older experiment without the tag); a local store
+    keeps its artefacts under ``<root>/mlartifacts`` rather than in the working directory."""
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     location = None
     if tracking_uri.startswith(("sqlite:", "file:")):
         location = (Path(root).resolve() / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 @contextmanager
@@ -121,9 +134,14 @@ def log_metrics(run: RunRef, metrics: dict[str, float], step: int = 0) -> None:
         run.client.log_batch(run.run_id, metrics=items)
 
 
+def level_key(prefix: str, level: int) -> str:
+    """``<prefix>.level_NN``, zero-padded so that the levels sort (``level_02`` < ``level_10``)."""
+    return f"{prefix}.level_{int(level):02d}"
+
+
 def metric_values(report: dict) -> dict[str, float]:
     """The evaluation report as flat metrics: ``tdm.none.recall``,
-    ``most_popular.items.precision``, ``layerwise.beam.<level>``..."""
+    ``most_popular.items.precision``, ``layerwise.beam.level_NN``..."""
     out: dict[str, float] = {}
     for who in ("tdm", "most_popular"):
         for mode, values in report.get(who, {}).items():
@@ -133,18 +151,32 @@ def metric_values(report: dict) -> dict[str, float]:
     layerwise = report.get("layerwise_recall") or {}
     for kind in ("beam", "brute_force"):
         for level, value in zip(layerwise.get("level", []), layerwise.get(kind, []), strict=False):
-            out[f"layerwise.{kind}.level_{level}"] = value
+            out[level_key(f"layerwise.{kind}", level)] = value
     if "retrieval_seconds" in report:
         out["retrieval_seconds"] = report["retrieval_seconds"]
     return out
 
 
+def headline_metrics(row: dict) -> dict[str, float]:
+    """A round's headline row (``tdm/none/recall``..., as ``evaluate_task`` returns it) as metric
+    names (``tdm.none.recall``...): TDM and most-popular Precision/Recall@M per filter mode."""
+    return {
+        key.replace("/", "."): value
+        for key, value in row.items()
+        if key.count("/") == 2 and key.split("/")[0] in ("tdm", "most_popular")
+    }
+
+
 def log_tree(
-    run: RunRef, tree_path: Path, stats: dict, previous_tree: Path | None = None
+    run: RunRef,
+    tree_path: Path,
+    stats: dict,
+    previous_tree: Path | None = None,
+    first_round: bool = False,
 ) -> dict[str, float]:
-    """Tree figures as metrics (``tree.depth``, ``tree.n_nodes``, ``tree.purity.level_<j>``,
-    ``tree.moved_fraction`` vs ``previous_tree``), the level sizes as a JSON artefact and the tree
-    file itself under ``tree/``."""
+    """Tree figures as metrics (``tree.depth``, ``tree.n_nodes``, ``tree.purity.level_NN``,
+    ``tree.moved_fraction`` vs ``previous_tree``, 0 for the ``first_round``'s tree), the level
+    sizes as a JSON artefact and the tree file itself under ``tree/``."""
     from tdm.tree import Tree
     from tdm.tree_build import moved_fraction
 
@@ -154,8 +186,10 @@ def log_tree(
         if k in stats
     }
     for level, purity in enumerate(stats.get("category_purity", [])):
-        figures[f"tree.purity.level_{level}"] = purity
-    if previous_tree is not None and Path(previous_tree).exists():
+        figures[level_key("tree.purity", level)] = purity
+    if first_round:  # the initial tree: nothing moved yet
+        figures["tree.moved_fraction"] = 0.0
+    elif previous_tree is not None and Path(previous_tree).exists():
         figures["tree.moved_fraction"] = moved_fraction(
             Tree.load(previous_tree), Tree.load(tree_path)
         )
@@ -262,6 +296,8 @@ def summary_markdown(summary: dict) -> str:
             ]
             lines.append("| " + " | ".join([str(row["round"]), label, *cells]) + " |")
     mlflow_info = summary.get("mlflow", {})
+    if summary.get(ARTEFACT_ROOT):
+        lines += ["", f"Artefacts (trees, models, metrics): `{summary[ARTEFACT_ROOT]}`"]
     lines += [
         "",
         f"MLflow tracking URI: `{mlflow_info.get('tracking_uri', '')}` "
@@ -281,12 +317,18 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def run_url(experiment: str, run_id: str) -> str:
+    """The run's page in the local MLflow UI (``make mlflow-ui``), in its model-training view."""
+    return f"{MLFLOW_UI}/#/experiments/{experiment}/runs/{run_id}?{UI_VIEW}"
+
+
 def _run_link(mlflow_info: dict, run_id: str) -> str:
-    """A markdown link to the run in the local MLflow UI (``make mlflow-ui``)."""
+    """A markdown link to the run in the local MLflow UI: plain text, as a code span inside a
+    link shows its backticks in Prefect's UI."""
     exp = mlflow_info.get("experiment_id")
     if not exp:
         return f"`{run_id}`"
-    return f"[`{run_id}`]({MLFLOW_UI}/#/experiments/{exp}/runs/{run_id})"
+    return f"[{run_id}]({run_url(exp, run_id)})"
 
 
 def format_summary(summary: dict) -> str:
@@ -300,7 +342,7 @@ TREE_COLUMNS = (
     ("tree.depth", "depth", "{:.0f}"),
     ("tree.n_nodes", "nodes", "{:.0f}"),
     ("tree.moved_fraction", "moved", "{:.3f}"),
-    ("tree.purity.level_3", "purity@3", "{:.3f}"),
+    ("tree.purity.level_03", "purity@3", "{:.3f}"),
     ("tdm.none.precision", "P", "{:.2%}"),
     ("tdm.none.recall", "R", "{:.2%}"),
     ("tdm.items.recall", "R items", "{:.2%}"),

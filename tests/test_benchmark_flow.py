@@ -1,43 +1,42 @@
 """The benchmark as a Prefect flow on tiny synthetic data, tracked in a temporary MLflow store."""
 
-import os
-import tempfile
+import json
+from pathlib import Path
 
-# Before prefect/mlflow are imported anywhere in this process: no telemetry, no ~/.prefect.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="tdm-prefect-home-")
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+from tiny import TINY
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
+from flows.benchmark import EXPERIMENT, tdm_benchmark
+from tasks.tracking import PARENT_TAG
 
-import pytest  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-from tiny import TINY  # noqa: E402
-
-from flows.benchmark import EXPERIMENT, tdm_benchmark  # noqa: E402
-from tasks.tracking import PARENT_TAG  # noqa: E402
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def flow_run(tmp_path_factory):
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):  # busy 2-core machines
+        yield
+
+
+@pytest.fixture(scope="module")
+def flow_run(harness, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench-flow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    with prefect_test_harness(server_startup_timeout=120):  # busy 2-core machines
-        report = tdm_benchmark(
-            params=str(ROOT / "params.yaml"),
-            overrides=[*TINY, "train.epochs=1"],
-            dataset="tiny",
-            seeds=[0, 1],
-            baselines=["popular", "itemcf"],
-            variants=["product_dnn"],
-            rounds=2,
-            root=str(root),
-            tracking_uri=uri,
-        )
+    report = tdm_benchmark(
+        params=str(ROOT / "params.yaml"),
+        overrides=[*TINY, "train.epochs=1"],
+        dataset="tiny",
+        seeds=[0, 1],
+        baselines=["popular", "itemcf"],
+        variants=["product_dnn"],
+        rounds=2,
+        root=str(root),
+        tracking_uri=uri,
+    )
     return root, uri, report
 
 
@@ -56,6 +55,7 @@ def test_mlflow_has_the_summary_and_one_run_per_seed(flow_run):
     _, uri, report = flow_run
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if PARENT_TAG not in r.data.tags]
     assert len(parents) == 1
@@ -72,3 +72,21 @@ def test_mlflow_has_the_summary_and_one_run_per_seed(flow_run):
         value = run.data.metrics["product_dnn/round_1.none.precision"]
         assert value == pytest.approx(test["none"]["precision"])
         assert "itemcf.neighbours" in run.data.params
+
+
+def test_bad_input_fails_in_one_line(harness, tmp_path, caplog):
+    from tdm.config import ConfigError
+
+    caplog.clear()
+    state = tdm_benchmark(
+        params=str(ROOT / "params.yaml"),
+        overrides=["train.epochs=many"],
+        root=str(tmp_path),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert state.message == f"{ROOT / 'params.yaml'}: train.epochs: expected an integer, got 'many'"
+    assert "Traceback" not in caplog.text and state.message in caplog.text
+    with pytest.raises(ConfigError):
+        state.result()

@@ -1,4 +1,6 @@
-"""The flow served as a deployment on a real local Prefect server, triggered through its API."""
+"""The flow served as a deployment on a real local Prefect server, triggered through its API.
+
+The server and the served flow share the test session's ``PREFECT_HOME`` (tests/conftest.py)."""
 
 import json
 import os
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from tiny import TINY as BASE_TINY
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -42,13 +46,11 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
+def server():
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
-        "PREFECT_HOME": str(home),
         "PREFECT_API_URL": url,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
@@ -128,5 +130,10 @@ def test_deployment_triggered_through_the_api_completes(server, tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Completed" in done.stdout + done.stderr
-    report = json.loads((tmp_path / "metrics/round_0.json").read_text())
+    # a run with overrides: its files in <root>/runs/<flow run name>/, nothing in <root> itself
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "flow_run.json").read_text())["flow_run_name"] == run.name
+    assert f"'{run.name}'" in done.stdout + done.stderr  # the flow run `--watch` followed
+    report = json.loads((run / "metrics/round_0.json").read_text())
     assert set(report["tdm"]) == {"none", "items", "categories"}
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "models").exists()
