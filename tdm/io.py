@@ -33,11 +33,13 @@ from typing import Any
 
 import numpy as np
 
+from tdm.errors import TdmError
+
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 
 
-class IntegrityError(ValueError):
+class IntegrityError(TdmError, ValueError):
     """An artefact whose bytes differ from what was recorded when it was written."""
 
 
@@ -297,7 +299,7 @@ def verify_manifest(folder: str | Path, required: bool = True) -> dict[str, Any]
 LOCK_FILE = ".tdm.lock"
 
 
-class LockedError(RuntimeError):
+class LockedError(TdmError, RuntimeError):
     """Another process holds the lock of an artefact root."""
 
 

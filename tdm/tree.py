@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tdm.errors import TdmError
 from tdm.io import write_bytes
 
 _MAGIC = b"TDMTREE\x00"
 _VERSION = 1
 
 
-class TreeFormatError(ValueError):
+class TreeFormatError(TdmError, ValueError):
     """A tree file that is corrupt, truncated or of an unknown format."""
 
 
