@@ -76,10 +76,12 @@ def result_name(stem: str, device: str = "cpu", full: bool = False) -> str:
 
 
 def write_result(out_dir: Path, name: str, payload: dict) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / name
-    path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    return path
+    """``out_dir/name`` as indented JSON, atomically."""
+    from tdm.io import write_text
+
+    return write_text(
+        Path(out_dir) / name, json.dumps(payload, indent=2, default=_json_default) + "\n"
+    )
 
 
 def _json_default(value):

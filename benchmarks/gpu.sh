@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# GPU checks and benchmarks in one call of at most ~8 minutes (issue 5, "GPU"):
+# GPU checks and benchmarks in one call of at most ~13 minutes (issues 5 and 13, "GPU"):
 #   1. correctness on CUDA against the CPU, same weights (benchmarks/gpu_check.py): beam search
 #      returns the same items, a few training steps give the same losses (fp32 and autocast);
 #   2. beam search on the GPU (benchmarks/beam_search.py --device cuda);
-#   3. training throughput on the GPU, sampler vs step (benchmarks/training.py --device cuda).
+#   3. training throughput on the GPU, sampler vs step, dense and sparse Adam
+#      (benchmarks/training.py --device cuda; target: attention-DNN >= 20k samples/s);
+#   4. step time at 100k vs 4M items (benchmarks/step_scaling.py --device cuda);
+#   5. the corpus-scale pipeline with its training steps on the GPU (benchmarks/corpus_scale.py).
 # JSON results and logs go to $OUT when it is set (the device tool), else benchmarks/results.
 # Fails loudly (exit 2) where no Python with a CUDA torch that sees a GPU is found.
 #
-#   benchmarks/gpu.sh                  # on a CUDA machine
+#   benchmarks/gpu.sh                  # on a CUDA machine (all steps)
+#   ONLY=step_scaling,corpus_scale benchmarks/gpu.sh   # some steps (a tool with a 10-min cap)
 #   benchmarks/gpu.sh --cpu-dry-run    # the same steps on the CPU at tiny sizes (tests the script)
 #   PY=/path/to/python benchmarks/gpu.sh
 set -euo pipefail
@@ -48,6 +52,10 @@ fi
 step() {
   local name=$1 limit=$2
   shift 2
+  if [[ -n "${ONLY:-}" && ",$ONLY," != *",$name,"* ]]; then
+    echo "== $name skipped (ONLY=$ONLY)"
+    return 0
+  fi
   echo "== $name (limit ${limit} s)"
   timeout "$limit" "$PY" "$@" --device "$device" --out "$out_dir" 2>&1 | tee "$out_dir/$name.log"
 }
@@ -60,11 +68,17 @@ if [[ $device == cuda ]]; then
   step training 120 benchmarks/training.py --budget 3 --batch 256
   step training_big_batch 60 benchmarks/training.py --budget 3 --batch 4096 --no-profile \
     --no-train --out-name training_batch4096
+  step training_sparse 90 benchmarks/training.py --budget 3 --batch 2048 --no-profile \
+    --optimizer sparse_adam --out-name training_sparse_batch2048
+  step step_scaling 120 benchmarks/step_scaling.py --items 100000,4000000 --reps 3
+  step corpus_scale 420 benchmarks/corpus_scale.py --steps 2000 --batch 2048 --workdir /tmp/cs
 else
   step gpu_check 600 benchmarks/gpu_check.py --leaves 2000 --users 64
   step beam_search 600 benchmarks/beam_search.py --leaves 2000 --models dnn --ks 10 --batch 64 \
     --budget 0.2 --max-batches 2 --min-single 3 --max-single 3 --brute-budget 0.2 --max-brute 2
   step training 600 benchmarks/training.py --users 1000 --items 2000 --models product_dnn \
-    --budget 0.5 --no-train
+    --budget 0.5 --no-train --optimizer sparse_adam
+  step step_scaling 600 benchmarks/step_scaling.py --items 1000,4000 --models product_dnn \
+    --reps 1 --steps 1 --batches 1
 fi
 echo "gpu.sh: all steps passed in $((SECONDS - start)) s; results in $out_dir"

@@ -54,11 +54,11 @@ from benchmarks.common import (  # noqa: E402
 )
 from tdm.config import DataConfig, ModelConfig, SyntheticConfig, TrainConfig  # noqa: E402
 from tdm.data.protocol import load_prepared, prepare  # noqa: E402
+from tdm.data.samples import TrainSamples  # noqa: E402
 from tdm.data.synthetic import generate  # noqa: E402
 from tdm.model import build_model  # noqa: E402
 from tdm.sampler import LayerwiseSampler, negatives_for_levels  # noqa: E402
-from tdm.data.samples import TrainSamples  # noqa: E402
-from tdm.train import TrainStep, _batches, bucket_by_length, train  # noqa: E402
+from tdm.train import Optimizers, TrainStep, _batches, bucket_by_length, train  # noqa: E402
 from tdm.tree_build import category_tree  # noqa: E402
 
 MODELS = ("attention_dnn", "dnn", "product_dnn")
@@ -130,10 +130,11 @@ def device_batches(source, sampler, order, batch, n, node_rows, device) -> list[
     return out
 
 
-def make_step(model, device: str, amp: bool) -> TrainStep:
-    """The trainer's own step (``tdm.train.TrainStep``) on a batch already on the device."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    return TrainStep(model, optimizer, torch.device(device), amp)
+def make_step(model, device: str, amp: bool, optimizer: str = "adam") -> TrainStep:
+    """The trainer's own step (``tdm.train.TrainStep``, ``train.optimizer``) on a batch already
+    on the device."""
+    optimizers = Optimizers(model, TrainConfig(lr=1e-3, optimizer=optimizer))
+    return TrainStep(model, optimizers, torch.device(device), amp)
 
 
 def time_step(step, batches, device, budget) -> dict:
@@ -170,6 +171,7 @@ def end_to_end(model, tree, source, sampler, args, n_samples) -> dict:
         num_threads=args.threads,
         seed=args.seed,
         max_samples_per_epoch=n_samples,
+        optimizer=args.optimizer,
         progress=False,
     )
     result = train(model, tree, source, sampler, cfg, device=args.device)
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "sparse_adam"])
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-train", action="store_true", help="skip the end-to-end epoch")
     parser.add_argument("--seed", type=int, default=0)
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in [m for m in args.models.split(",") if m]:
             model = build_model(ModelConfig(name=name), tree.n_nodes, data.meta["time_windows"], 0)
             model.to(args.device).train()
-            step = make_step(model, args.device, args.amp)
+            step = make_step(model, args.device, args.amp, args.optimizer)
             dev = time_step(step, batches, args.device, args.budget)
             if not args.no_profile:
                 profiles[f"step_{name}_neg{total}"] = profile_step(step, batches, args.device)

@@ -177,12 +177,20 @@ def run(argv: list[str] | None = None) -> int:
     if handler is not None:  # a command registered through the tdm.commands entry points
         return int(handler(args))
     cfg = _config(args)
-    if args.command in WRITERS:
+    if args.command in WRITERS and _takes_lock():
         from tdm.io import root_lock
 
         with root_lock(args.root, "tdm " + " ".join(argv if argv is not None else sys.argv[1:])):
             return _dispatch(args, cfg)
     return _dispatch(args, cfg)
+
+
+def _takes_lock() -> bool:
+    """A process of a multi-process run locks the root once: the launcher (``train.nproc``) holds
+    it for its ranks; under a user's own torchrun, local rank 0 takes it for its node."""
+    if os.environ.get("TDM_LOCK_HELD") == "1":
+        return False
+    return "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def _config(args: argparse.Namespace):

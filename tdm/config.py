@@ -84,6 +84,7 @@ class SyntheticConfig:
     days: Positive = 9
     start_timestamp: Count = 1511539200
     seed: Count = 0
+    chunk_rows: Positive = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -115,15 +116,19 @@ class TrainConfig:
     epochs: Positive = 2
     batch_size: Annotated[int, Range(2)] = 256  # BatchNorm needs two rows
     lr: Annotated[float, Range(0.0, low_open=True)] = 0.01
+    optimizer: Literal["adam", "sparse_adam"] = "adam"
     weight_decay: Annotated[float, Range(0.0)] = 0.0
     device: str = "auto"
     amp: bool = True
+    nproc: Positive = 1
     num_threads: Count = 0
     seed: Count = 0
     max_samples_per_epoch: Count = 0
+    max_steps: Count = 0
     max_samples_per_user: Count = 0
     history_dropout: Annotated[float, Range(0.0, 1.0, high_open=True)] = 0.0
     bucket_by_length: bool = True
+    prefetch: Count = 2
     with_eval_history: bool = False
     select_best: bool = True
     patience: Count = 0
@@ -318,6 +323,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("synthetic.n_categories: must be >= synthetic.n_departments")
     if syn.interests_per_user > syn.n_categories:
         raise ConfigError("synthetic.interests_per_user: must be <= synthetic.n_categories")
+    if cfg.train.batch_size % cfg.train.nproc or cfg.train.batch_size // cfg.train.nproc < 2:
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} must be a multiple of train.nproc "
+            f"({cfg.train.nproc}) with at least 2 samples per process"
+        )
     if cfg.eval.topk > cfg.retrieval.max_k:
         raise ConfigError(
             f"eval.topk: {cfg.eval.topk} is above retrieval.max_k ({cfg.retrieval.max_k})"

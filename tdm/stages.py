@@ -25,13 +25,15 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------- data
 def generate(cfg: Config, out: Path) -> dict:
-    """Write the seeded synthetic data set as a UserBehavior.csv file."""
-    from tdm.data.synthetic import generate as gen
-    from tdm.data.synthetic import write_userbehavior_csv
+    """Write the seeded synthetic data set as a UserBehavior.csv file, chunk by chunk (memory
+    bounded by ``synthetic.chunk_rows`` and the item corpus, not by the number of rows)."""
+    from tdm.data.synthetic import write_synthetic_csv
 
-    frame = gen(cfg.synthetic)
-    write_userbehavior_csv(frame, out)
-    return {"path": str(out), "rows": len(frame)}
+    t0 = time.perf_counter()
+    rows = write_synthetic_csv(
+        cfg.synthetic, out, progress=lambda done: log.info("generated %d rows", done)
+    )
+    return {"path": str(out), "rows": rows, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def prepare(cfg: Config, out_dir: Path) -> dict:
@@ -107,7 +109,7 @@ TRAIN_PARAMS = (
     "retrieval",
     "rounds.warm_start",
 )
-NOT_FINGERPRINTED = ("train.progress", "train.num_threads", "train.device")
+NOT_FINGERPRINTED = ("train.progress", "train.num_threads", "train.device", "train.prefetch")
 
 
 def train_fingerprint(
@@ -162,69 +164,107 @@ def train(
     """
     import torch
 
+    from tdm import distributed
     from tdm.checkpoint import Checkpointer, load_model_dir, save_model
     from tdm.data.protocol import load_prepared
     from tdm.data.samples import TrainSamples
     from tdm.model import build_model
     from tdm.sampler import LayerwiseSampler, negatives_for_levels
+    from tdm.train import resolve_device, warm_start
     from tdm.train import train as fit
-    from tdm.train import warm_start
+
+    out_dir = Path(out_dir)
+    if cfg.train.nproc > 1 and not distributed.launched():  # start the ranks and wait
+        spec = {
+            "config": cfg.to_dict(),
+            "prepared": str(Path(prepared_dir).resolve()),
+            "tree": str(Path(tree_path).resolve()),
+            "out": str(out_dir.resolve()),
+            "init_from": str(Path(init_from).resolve()) if init_from is not None else None,
+            "fresh": fresh,
+        }
+        launch_dir = out_dir.with_name(out_dir.name + ".launch")
+        launch_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            distributed.launch(spec, launch_dir / "spec.json", cfg.train.nproc, callback)
+        finally:
+            shutil.rmtree(launch_dir, ignore_errors=True)
+        import json
+
+        return json.loads((out_dir / TRAIN_LOG_FILE).read_text())
 
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
-    out_dir = Path(out_dir)
-    data = load_prepared(prepared_dir)
-    tree = Tree.load(tree_path)
-    model = build_model(cfg.model, tree.n_nodes, cfg.data.time_windows, seed=cfg.train.seed)
-    if init_from is not None:
-        old_model, old_tree = load_model_dir(init_from, model_name=cfg.model.name)
-        warm_start(model, old_model, old_tree, tree)
-    negatives = cfg.sampler.negatives_per_level or negatives_for_levels(
-        tree.level_sizes, cfg.sampler.total_negatives
-    )
-    sampler = LayerwiseSampler(tree, negatives, mode=cfg.sampler.mode, seed=cfg.sampler.seed)
-    source = TrainSamples(
-        data, cfg.data.max_history, cfg.data.min_history, cfg.train.with_eval_history
-    )
-    checkpointer = Checkpointer(
-        out_dir.with_name(out_dir.name + ".ckpt"),
-        train_fingerprint(cfg, Path(prepared_dir), Path(tree_path), init_from),
-        cfg.model,
-    )
-    if fresh and checkpointer.last.exists():
-        log.info("--fresh: removing the checkpoints in %s", checkpointer.directory)
-        checkpointer.clear()
-    monitor = ValidationMonitor(model, tree, data, cfg, callback)
-    t0 = time.perf_counter()
-    result = fit(
-        model, tree, source, sampler, cfg.train, checkpointer=checkpointer, callback=monitor
-    )
-    seconds = time.perf_counter() - t0
-    best_epoch = len(result.losses) - 1
-    if cfg.train.select_best and monitor.best_state is not None:
-        model.load_state_dict(monitor.best_state)
-        best_epoch = monitor.best_epoch
+    device = distributed.setup(resolve_device(cfg.train.device))
+    lead = distributed.rank() == 0
+    try:
+        data = load_prepared(prepared_dir)
+        tree = Tree.load(tree_path)
+        model = build_model(cfg.model, tree.n_nodes, cfg.data.time_windows, seed=cfg.train.seed)
+        if init_from is not None:
+            old_model, old_tree = load_model_dir(init_from, model_name=cfg.model.name)
+            warm_start(model, old_model, old_tree, tree)
+        negatives = cfg.sampler.negatives_per_level or negatives_for_levels(
+            tree.level_sizes, cfg.sampler.total_negatives
+        )
+        sampler = LayerwiseSampler(tree, negatives, mode=cfg.sampler.mode, seed=cfg.sampler.seed)
+        source = TrainSamples(
+            data, cfg.data.max_history, cfg.data.min_history, cfg.train.with_eval_history
+        )
+        checkpointer = Checkpointer(
+            out_dir.with_name(out_dir.name + ".ckpt"),
+            train_fingerprint(cfg, Path(prepared_dir), Path(tree_path), init_from),
+            cfg.model,
+        )
+        if fresh and lead and checkpointer.last.exists():
+            log.info("--fresh: removing the checkpoints in %s", checkpointer.directory)
+            checkpointer.clear()
+        distributed.barrier()
+        monitor = ValidationMonitor(model, tree, data, cfg, callback) if lead else None
+        t0 = time.perf_counter()
+        result = fit(
+            model,
+            tree,
+            source,
+            sampler,
+            cfg.train,
+            checkpointer=checkpointer,
+            callback=monitor,
+            device=device,
+        )
+        seconds = time.perf_counter() - t0
+        if not lead:  # rank 0 alone publishes the model
+            return {}
+        best_epoch = len(result.losses) - 1
+        if cfg.train.select_best and monitor.best_state is not None:
+            model.load_state_dict(monitor.best_state)
+            best_epoch = monitor.best_epoch
 
-    with atomic_dir(out_dir, manifest=True) as tmp:
-        save_model(model, tmp / MODEL_FILE, cfg)
-        tree.save(tmp / TREE_FILE)
-        shutil.copy2(Path(prepared_dir) / ITEMS_FILE, tmp / ITEMS_FILE)
-        shutil.copy2(Path(prepared_dir) / META_FILE, tmp / META_FILE)
-        summary = {
-            "epochs": cfg.train.epochs,
-            "epochs_run": len(result.losses),
-            "losses": list(result.losses),
-            "samples": source.n_samples,
-            "valid_recall": monitor.history,
-            "best_epoch": best_epoch,
-            "negatives_per_level": list(negatives),
-            "seconds": round(seconds, 2),
-            "device": str(result.device),
-            "torch": torch.__version__,
-        }
-        write_json(tmp / TRAIN_LOG_FILE, summary)
-    checkpointer.clear()
-    return summary
+        with atomic_dir(out_dir, manifest=True) as tmp:
+            save_model(model, tmp / MODEL_FILE, cfg)
+            tree.save(tmp / TREE_FILE)
+            shutil.copy2(Path(prepared_dir) / ITEMS_FILE, tmp / ITEMS_FILE)
+            shutil.copy2(Path(prepared_dir) / META_FILE, tmp / META_FILE)
+            summary = {
+                "epochs": cfg.train.epochs,
+                "epochs_run": len(result.losses),
+                "steps": sum(int(s["steps"]) for s in result.stats),
+                "losses": list(result.losses),
+                "samples": source.n_samples,
+                "valid_recall": monitor.history,
+                "best_epoch": best_epoch,
+                "negatives_per_level": list(negatives),
+                "seconds": round(seconds, 2),
+                "samples_per_s": [round(s["samples_per_s"], 1) for s in result.stats],
+                "device": str(result.device),
+                "processes": distributed.world_size(),
+                "torch": torch.__version__,
+            }
+            write_json(tmp / TRAIN_LOG_FILE, summary)
+        checkpointer.clear()
+        return summary
+    finally:
+        distributed.teardown()
 
 
 class ValidationMonitor:

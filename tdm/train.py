@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from tdm import distributed
 from tdm.checkpoint import Checkpointer, Progress
 from tdm.config import ConfigError, TrainConfig
 from tdm.sampler import LayerwiseSampler
@@ -173,15 +174,79 @@ def bucket_by_length(
     return np.concatenate(out) if out else order
 
 
+OPTIMIZERS = ("adam", "sparse_adam")
+
+
+class Optimizers:
+    """The model's optimizers, used as one (``train.optimizer``).
+
+    - ``"adam"``: one Adam over every parameter. Each step updates every row of the embedding
+      table, so a step costs O(table), as much at 4M items as the rest of the step many times over.
+    - ``"sparse_adam"``: the embedding tables (every ``nn.Embedding`` of the model: the node table
+      and the per-node bias) get sparse gradients and ``torch.optim.SparseAdam``, which reads and
+      updates only the rows a batch touches (a *lazy* Adam: a row's moments move only when it is
+      touched); the other parameters keep Adam. A step then costs the same at any corpus size.
+      SparseAdam keeps two moment tables as large as the embedding table (2 x rows x dim floats,
+      allocated at the first step); ``weight_decay`` applies to the dense parameters only.
+
+    Args:
+        model: the scorer; with ``"sparse_adam"`` its embeddings are switched to sparse gradients.
+        cfg: the ``train`` section (``optimizer``, ``lr``, ``weight_decay``).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.kind = cfg.optimizer
+        if self.kind not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer: {self.kind!r} is not one of {OPTIMIZERS}")
+        tables: list[nn.Parameter] = []
+        if self.kind == "sparse_adam":
+            for module in model.modules():
+                if isinstance(module, nn.Embedding):
+                    module.sparse = True
+                    tables.append(module.weight)
+        table_ids = {id(p) for p in tables}
+        dense = [p for p in model.parameters() if id(p) not in table_ids]
+        self.parts: list[torch.optim.Optimizer] = []
+        if tables:
+            self.parts.append(torch.optim.SparseAdam(tables, lr=cfg.lr))
+        if dense:
+            self.parts.append(torch.optim.Adam(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
+
+    def zero_grad(self) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=True)
+
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        for part in self.parts:
+            scaler.step(part)
+        scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.kind or len(state["parts"]) != len(self.parts):
+            raise ValueError(f"optimizer state of {state.get('kind')!r}, not {self.kind!r}")
+        for part, part_state in zip(self.parts, state["parts"], strict=True):
+            part.load_state_dict(part_state)
+
+
 class TrainStep:
     """One optimisation step of Eq. 4 on a batch already on ``device``: forward (bfloat16
     autocast on CUDA when ``amp``, float16 with a grad scaler where bfloat16 is missing), masked
-    BCE, backward, optimizer step. Returns the detached loss."""
+    BCE, backward, ``sync`` (the gradient all-reduce of a data-parallel run), optimizer step.
+    Returns the detached loss."""
 
     def __init__(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, amp: bool
+        self,
+        model: nn.Module,
+        optimizer: Optimizers,
+        device: torch.device,
+        amp: bool,
+        sync: Callable[[], None] | None = None,
     ) -> None:
         self.model, self.optimizer, self.device_type = model, optimizer, device.type
+        self.sync = sync
         self.use_amp = amp and device.type == "cuda"
         self.amp_dtype = torch.bfloat16
         if self.use_amp and not torch.cuda.is_bf16_supported():
@@ -201,10 +266,11 @@ class TrainStep:
         with torch.autocast(self.device_type, dtype=self.amp_dtype, enabled=self.use_amp):
             logits = self.model(hist, windows, rows)  # (B, S)
         loss = masked_bce(logits, labels, mask)  # Eq. 4
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.sync is not None:
+            self.sync()
+        self.optimizer.step(self.scaler)
         return loss.detach()
 
 
@@ -237,12 +303,14 @@ def _batches(
     batch_size: int,
     history_dropout: float = 0.0,
     rng: np.random.Generator | None = None,
+    pin: bool = False,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """CPU tensors ``(hist, windows, nodes, labels, mask)`` for consecutive slices of ``order``.
 
     A last slice of a single sample joins the one before it (BatchNorm needs two rows). With
     ``history_dropout`` > 0 each behaviour is hidden (set to padding) with that chance, drawn
-    from ``rng``.
+    from ``rng``. With ``pin`` the tensors are in pinned memory, so that copies to a GPU are
+    asynchronous (made in the prefetch thread, off the training loop).
     """
     bounds = list(range(0, len(order), batch_size)) + [len(order)]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
@@ -253,9 +321,10 @@ def _batches(
             hidden = (hist >= 0) & (rng.random(hist.shape) < history_dropout)  # (B, L)
             hist, windows = np.where(hidden, -1, hist), np.where(hidden, -1, windows)
         nodes, labels, mask = sampler.sample(targets)  # Sec. 3.3
-        yield tuple(
+        tensors = [
             torch.from_numpy(np.ascontiguousarray(a)) for a in (hist, windows, nodes, labels, mask)
-        )
+        ]
+        yield tuple(t.pin_memory() for t in tensors) if pin else tuple(tensors)
 
 
 def train(
@@ -292,16 +361,26 @@ def train(
     """
     dev = resolve_device(device if device is not None else cfg.device)
     model.to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = TrainStep(model, optimizer, dev, cfg.amp)
+    optimizer = Optimizers(model, cfg)
+    ranks, lead = distributed.world_size(), distributed.rank() == 0
+    sync = distributed.GradientSync(model) if ranks > 1 else None
+    step = TrainStep(model, optimizer, dev, cfg.amp, sync)
     node_rows = torch.as_tensor(tree.embedding_rows(), dtype=torch.int64, device=dev)  # (n_nodes,)
     progress = Progress()
-    if checkpointer is not None:
-        progress = checkpointer.resume(model, optimizer, step.scaler, callback)
+    if checkpointer is not None:  # rank 0 checks (and may clear) the checkpoint first
+        if lead:
+            progress = checkpointer.resume(model, optimizer, step.scaler, callback)
+        distributed.barrier()
+        if not lead:
+            progress = checkpointer.resume(model, optimizer, step.scaler)
+    distributed.broadcast_module(model)
     result = TrainResult(list(progress.losses), list(progress.stats), str(dev))
 
     n = int(sample_source.n_samples)
+    steps_done = sum(int(stats.get("steps", 0)) for stats in result.stats)
     for epoch in range(progress.epoch, cfg.epochs):
+        if cfg.max_steps and steps_done >= cfg.max_steps:
+            break
         model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
         if cfg.max_samples_per_user > 0:
@@ -312,6 +391,9 @@ def train(
         if cfg.bucket_by_length and lengths is not None:
             rng = np.random.default_rng([cfg.seed, epoch, 1])
             order = bucket_by_length(order, np.asarray(lengths), cfg.batch_size, rng)
+        if cfg.max_steps:  # the steps left, whole batches
+            order = order[: (cfg.max_steps - steps_done) * cfg.batch_size]
+        order = distributed.shard(order, cfg.batch_size)  # this rank's part of every batch
         sampler.reseed(cfg.seed, epoch)
         stats = _epoch(
             step,
@@ -319,33 +401,42 @@ def train(
                 sample_source,
                 sampler,
                 order,
-                cfg.batch_size,
+                cfg.batch_size // ranks,
                 cfg.history_dropout,
                 np.random.default_rng([cfg.seed, epoch, 2]),
+                pin=dev.type == "cuda",
             ),
             node_rows,
             dev,
             f"epoch {epoch + 1}/{cfg.epochs}",
             len(order),
-            cfg.progress,
+            cfg.progress and lead,
+            cfg.prefetch,
         )
         stats["epoch"] = epoch
+        steps_done += int(stats["steps"])
         result.losses.append(stats["loss"])
         result.stats.append(stats)
-        logger.info(
-            "epoch %d/%d loss %.4f, %.0f samples/s, %.0f pairs/s",
-            epoch + 1,
-            cfg.epochs,
-            stats["loss"],
-            stats["samples_per_s"],
-            stats["pairs_per_s"],
-        )
-        stop = bool(callback(epoch, stats)) if callback is not None else False
-        if checkpointer is not None:
+        if lead:
+            logger.info(
+                "epoch %d/%d loss %.4f, %.0f samples/s, %.0f pairs/s%s",
+                epoch + 1,
+                cfg.epochs,
+                stats["loss"],
+                stats["samples_per_s"],
+                stats["pairs_per_s"],
+                f" ({ranks} processes)" if ranks > 1 else "",
+            )
+        stop = bool(callback(epoch, stats)) if (callback is not None and lead) else False
+        stop = distributed.broadcast_flag(stop, dev)
+        if cfg.max_steps and steps_done >= cfg.max_steps:
+            if lead:
+                logger.info("stopping after %d steps (train.max_steps)", steps_done)
+            stop = True
+        if checkpointer is not None and lead:
             done = Progress(epoch + 1, result.losses, result.stats)
             checkpointer.save(done, model, optimizer, step.scaler, callback)
         if stop:
-            logger.info("stopping after epoch %d: the callback asked to stop", epoch + 1)
             break
     return result
 
@@ -358,15 +449,17 @@ def _epoch(
     desc: str,
     n_samples: int,
     show: bool,
+    prefetch: int = 0,
 ) -> dict[str, float]:
-    """One pass over ``batches``; returns the epoch's loss and throughput."""
+    """One pass over ``batches`` (``prefetch`` of them made ahead by a background thread);
+    returns the epoch's loss and throughput."""
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), device=dev)
     n_pairs = torch.zeros((), device=dev, dtype=torch.int64)
     n_batches = 0
     bar = tqdm(total=n_samples, desc=desc, unit="sample", disable=not show, leave=False)
-    if dev.type != "cpu":  # overlap sampling with the device; on CPU it would steal a core
-        batches = _prefetch(batches)
+    if prefetch > 0:  # a background thread prepares the next batches while this one trains
+        batches = _prefetch(batches, prefetch)
     for hist, windows, nodes, labels, mask in batches:
         hist = hist.to(dev, non_blocking=True)  # (B, L)
         windows = windows.to(dev, non_blocking=True)  # (B, L)
@@ -381,10 +474,13 @@ def _epoch(
             bar.set_postfix(loss=f"{loss_sum.item() / n_batches:.4f}")
     bar.close()
     seconds = time.perf_counter() - t0
-    pairs = int(n_pairs.item())
+    totals = distributed.sum_over_ranks(torch.stack([loss_sum.double(), n_pairs.double()]))
+    loss_sum, pairs = totals[0], int(totals[1].item())
+    n_samples *= distributed.world_size()
     return {
-        "loss": loss_sum.item() / max(n_batches, 1),
+        "loss": loss_sum.item() / max(n_batches * distributed.world_size(), 1),
         "samples": n_samples,
+        "steps": n_batches,
         "pairs": pairs,
         "seconds": seconds,
         "samples_per_s": n_samples / max(seconds, 1e-9),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -75,10 +77,11 @@ def config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam"])
 @pytest.mark.parametrize("name", ["attention_dnn", "dnn", "product_dnn"])
-def test_training_learns_the_cluster_structure(tree, name):
+def test_training_learns_the_cluster_structure(tree, name, optimizer):
     model, sampler = make(tree, name)
-    result = train(model, tree, ClusterSamples(1536, seed=0), sampler, config())
+    result = train(model, tree, ClusterSamples(1536, seed=0), sampler, config(optimizer=optimizer))
     assert len(result.losses) == 3 and result.losses[-1] < 0.8 * result.losses[0]
     assert result.stats[-1]["pairs_per_s"] > 0 and result.device == "cpu"
 
@@ -146,8 +149,9 @@ class Recorder:
         self.seen = list(state["seen"])
 
 
-def test_resume_equals_uninterrupted_bit_for_bit(tree, tmp_path):
-    cfg = config(epochs=3, batch_size=50)
+@pytest.mark.parametrize("optimizer", ["adam", "sparse_adam"])
+def test_resume_equals_uninterrupted_bit_for_bit(tree, tmp_path, optimizer):
+    cfg = config(epochs=3, batch_size=50, optimizer=optimizer)
 
     full, sampler = make(tree)
     uninterrupted = train(full, tree, ClusterSamples(400, seed=1), sampler, cfg)
@@ -278,6 +282,48 @@ def test_a_device_this_machine_lacks_is_a_config_error():
         with pytest.raises(ConfigError, match="sees no CUDA device"):
             resolve_device("cuda")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_sparse_adam_moves_only_the_rows_of_the_step(tree, tmp_path):
+    """A step with sparse gradients moves exactly the embedding rows its batch looked up; dense
+    Adam, whose moments carry over, also moves rows that only the step before touched."""
+    data = ClusterSamples(8, seed=4)
+    negatives = [0] * (tree.depth - 1) + [2]
+    rows = tree.embedding_rows()
+
+    def looked_up(sampler, epoch):  # the trainer's draws: its sample order, its sampler seed
+        order = np.random.default_rng([0, epoch]).permutation(len(data.targets))
+        sampler.reseed(0, epoch)
+        nodes, _, mask = sampler.sample(data.targets[order])
+        return set(data.hist[data.hist >= 0].tolist()) | set(rows[nodes[mask]].tolist())
+
+    for optimizer in ("sparse_adam", "adam"):
+        model, _ = make(tree, "dnn")
+        sampler = LayerwiseSampler(tree, negatives, seed=0)
+        ckpt = checkpointer(tmp_path / optimizer, "dnn")
+        cfg = config(epochs=1, batch_size=8, optimizer=optimizer, bucket_by_length=False)
+        train(model, tree, data, sampler, cfg, checkpointer=ckpt)  # step 1
+        after_first = model.embedding.weight.detach().clone()
+        cfg = dataclasses.replace(cfg, epochs=2)
+        train(model, tree, data, sampler, cfg, checkpointer=ckpt)  # step 2, resumed
+        moved = (model.embedding.weight.detach() != after_first).any(1).numpy()
+        moved = set(np.flatnonzero(moved).tolist())
+        second = looked_up(sampler, 1)
+        assert model.embedding.sparse == (optimizer == "sparse_adam")
+        assert len(looked_up(sampler, 0) - second) > 5  # rows only the first step touched
+        if optimizer == "sparse_adam":
+            assert moved == second
+        else:
+            assert moved > second
+
+
+def test_max_steps_bounds_the_run_across_epochs(tree):
+    model, sampler = make(tree, "dnn")
+    result = train(
+        model, tree, ClusterSamples(500, 3), sampler, config(epochs=5, batch_size=64, max_steps=10)
+    )
+    assert [s["steps"] for s in result.stats] == [8, 2]  # 500 samples: 8 batches, then 2
+    assert result.stats[1]["samples"] == 2 * 64
 
 
 def test_max_samples_per_epoch_caps_the_epoch(tree):

@@ -14,6 +14,9 @@ class TrainSamples:
 
     Every position with at least ``min_history`` earlier behaviours of its user is a sample; its
     features are the at most ``max_history`` behaviours before it, split into time windows.
+    Per sample it keeps three numpy arrays in the narrowest integer type that holds them
+    (``positions``, ``users``, ``lengths``: 4 + 4 + 2 bytes a sample up to 2^31 rows), never a
+    Python object: 100M samples take ~1 GB.
     """
 
     def __init__(
@@ -34,12 +37,14 @@ class TrainSamples:
             )
         self.max_history = max_history
         self.window_bounds = data.window_bounds
-        self.positions = training_positions(self.split, min_history)
-        self.n_samples = len(self.positions)
+        positions = training_positions(self.split, min_history)
+        self.n_samples = len(positions)
         offsets = self.split.offsets
-        self.users = np.searchsorted(offsets, self.positions, side="right") - 1  # (n_samples,)
-        starts = offsets[:-1][self.users]
-        self.lengths = np.minimum(self.positions - starts, max_history)  # (n_samples,)
+        users = np.searchsorted(offsets, positions, side="right") - 1  # (n_samples,)
+        lengths = np.minimum(positions - offsets[:-1][users], max_history)  # (n_samples,)
+        self.positions = _narrow(positions, len(self.split.items))
+        self.users = _narrow(users, len(offsets))
+        self.lengths = _narrow(lengths, max_history + 1)
 
     def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Histories (right-aligned) trimmed to the longest one in the batch."""
@@ -48,6 +53,14 @@ class TrainSamples:
         )
         width = max(int(self.lengths[index].max()), 1)
         return hist[:, -width:], windows[:, -width:], targets
+
+
+def _narrow(values: np.ndarray, bound: int) -> np.ndarray:
+    """``values`` (all in ``[0, bound)``) as int16, int32 or int64, the narrowest that fits."""
+    for dtype in (np.int16, np.int32):
+        if bound <= np.iinfo(dtype).max:
+            return values.astype(dtype)
+    return values.astype(np.int64)
 
 
 def _concat_offsets(parts: list[np.ndarray]) -> np.ndarray:
