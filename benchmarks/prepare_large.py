@@ -1,11 +1,11 @@
 """Data preparation at UserBehavior scale: load -> protocol split -> training samples.
 
 A UserBehavior-format CSV of ``--rows`` rows is generated first (never committed; deleted at the
-end unless ``--keep``): chunks of ~10M rows from the seeded synthetic generator
-(``tdm.data.synthetic``, ~100 behaviours per user like UserBehavior's 100M rows over 988k users),
-each chunk with its own seed and its own range of user ids, items folded onto one corpus of
-4,162,024 item ids (UserBehavior's count) with one category each (9,439 categories), written with
-``write_userbehavior_csv`` and appended to one file.
+end unless ``--keep``) by ``tdm.data.synthetic.write_synthetic_csv`` at UserBehavior's shape, what
+``tdm generate`` writes with the overrides in that module's docstring: ~100 behaviours per user
+(UserBehavior: 100M rows over 988k users), 4,162,024 items in 9,439 categories, generated in
+chunks of ~2M rows (``synthetic.chunk_rows``; one shared item corpus, each chunk its own users)
+appended to one file, and cut at exactly ``--rows`` rows.
 
 Then one fresh subprocess runs what ``tdm pipeline`` runs in one process for these steps, and
 reports wall time and peak RSS (``ru_maxrss``) after each:
@@ -35,19 +35,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tdm.config import SyntheticConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-
 from benchmarks.common import RESULTS, machine_info, result_name, write_result  # noqa: E402
 
 N_ITEMS = 4_162_024  # UserBehavior's items
 N_CATEGORIES = 9_439  # and categories
+N_DEPARTMENTS = 100  # ~94 categories each (UserBehavior has no departments)
 BEHAVIOURS_PER_USER = 100
-CHUNK_USERS = 100_000  # ~10M rows per generated chunk
 PEAK_BYTES_PER_ROW = 110  # measured peak of the worker per CSV row (see PERFORMANCE.md)
 
 
@@ -66,48 +68,31 @@ def mem_available_gib() -> float:
     return float("nan")
 
 
-def generate_csv(path: Path, rows: int, seed: int) -> dict:
-    """Write ~``rows`` UserBehavior rows to ``path`` in chunks; returns counts and seconds."""
+def synthetic_config(rows: int, seed: int) -> SyntheticConfig:
+    """The ``synthetic`` section at UserBehavior's shape with enough users for ``rows`` rows."""
     from tdm.config import SyntheticConfig
-    from tdm.data.synthetic import generate, write_userbehavior_csv
 
-    rng = np.random.default_rng(seed)
-    weight = 1.0 / np.arange(1, N_CATEGORIES + 1)
-    category_of = rng.choice(N_CATEGORIES, size=N_ITEMS, p=weight / weight.sum()) + 1
-    n_users = max(1, rows // BEHAVIOURS_PER_USER)
-    start, written, chunk = time.perf_counter(), 0, 0
-    part = path.with_name(path.name + ".part")
-    with open(path, "wb") as out:
-        for first_user in range(0, n_users, CHUNK_USERS):
-            users = min(CHUNK_USERS, n_users - first_user)
-            frame = generate(
-                SyntheticConfig(
-                    n_users=users,
-                    n_items=N_ITEMS,
-                    n_categories=N_CATEGORIES,
-                    n_departments=100,
-                    behaviors_per_user=BEHAVIOURS_PER_USER,
-                    seed=seed * 100_003 + chunk,
-                )
-            )
-            if written + len(frame) > rows:  # the last chunk: cut to the wanted size
-                frame = frame.iloc[: rows - written]
-            # One corpus over all chunks: fold item ids onto N_ITEMS ids, one category each;
-            # each chunk's users get their own id range.
-            item = (frame["item_id"].to_numpy() - 1) % N_ITEMS
-            frame["item_id"] = item + 1
-            frame["category_id"] = category_of[item]
-            frame["user_id"] = frame["user_id"].to_numpy() + chunk * 10 * CHUNK_USERS
-            write_userbehavior_csv(frame, part)
-            written += len(frame)
-            del frame
-            with open(part, "rb") as src:
-                shutil.copyfileobj(src, out, length=1 << 24)
-            part.unlink()
-            chunk += 1
-            print(f"  generated {written:,} rows", flush=True)
-            if written >= rows:
-                break
+    return SyntheticConfig(
+        n_users=int(rows / BEHAVIOURS_PER_USER * 1.01) + 100,  # a margin: the cut takes ``rows``
+        n_items=N_ITEMS,
+        n_categories=N_CATEGORIES,
+        n_departments=N_DEPARTMENTS,
+        behaviors_per_user=BEHAVIOURS_PER_USER,
+        seed=seed,
+    )
+
+
+def generate_csv(path: Path, rows: int, seed: int) -> dict:
+    """Write exactly ``rows`` UserBehavior rows to ``path``; returns counts and seconds."""
+    from tdm.data.synthetic import write_synthetic_csv
+
+    start = time.perf_counter()
+    written = write_synthetic_csv(
+        synthetic_config(rows, seed),
+        path,
+        max_rows=rows,
+        progress=lambda done: print(f"  generated {done:,} rows", flush=True),
+    )
     return {
         "rows": written,
         "generate_seconds": time.perf_counter() - start,
