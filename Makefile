@@ -67,6 +67,15 @@ plots: $(STAMP)
 serve: $(STAMP) data
 	PREFECT_API_URL=http://127.0.0.1:4200/api $(PY) -m flows.serve --name tdm --params $(PARAMS)
 
+# The training step in a Prefect work pool (README, "Training on a GPU worker"): the work pool
+# POOL (default gpu, type process) if missing and the deployment tdm-train/POOL, on the server at
+# $PREFECT_API_URL (default: `make prefect-ui`'s). Then, on the GPU machine, in this folder:
+# `prefect worker start --pool POOL`; here `PREFECT_API_URL=... make pipeline
+# SET="--train-deployment tdm-train/POOL"` trains each round there.
+.PHONY: deploy-train
+deploy-train: $(STAMP)
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(PY) -m flows.deploy --pool $(or $(POOL),gpu)
+
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 

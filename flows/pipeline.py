@@ -12,10 +12,18 @@ with their DVC hashes. A run whose config differs (overrides, ``rounds``) writes
 MLflow parent run names the folder (tag and param ``artefact_root``). The run holds the lock of
 its folder (``tdm.io.root_lock``) throughout: a second run there fails at once.
 
-Bad input (params, data, a failed validation, a folder in use) fails the flow with one line and
-no traceback; ``python -m flows.pipeline`` then exits with status 2.
+With ``train_deployment`` (``"tdm-train/gpu"``), each round's training runs as a flow run of
+that deployment of ``flows.train.tdm_train``, which a worker of its work pool picks up (on a GPU
+machine), and the flow waits for it; everything else, and the lock, stay here. The artefact
+folder and the MLflow store must then be reachable under the same paths from the worker's
+machine (README, "Training on a GPU worker").
+
+Bad input (params, data, a failed validation, a folder in use, a training flow run that did not
+complete) fails the flow with one line and no traceback; ``python -m flows.pipeline`` then exits
+with status 2.
 
     python -m flows.pipeline --params params.yaml --set train.epochs=1 --rounds 2
+    python -m flows.pipeline --train-deployment tdm-train/gpu   # with PREFECT_API_URL set
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.train import check_train_deployment, train_on_deployment
 from tasks.steps import (
     artefact_root,
     config_task,
@@ -88,6 +97,7 @@ def tdm_pipeline(
     rounds: int | None = None,
     root: str = ".",
     tracking_uri: str | None = None,
+    train_deployment: str | None = None,
 ) -> dict:
     """Run every round and return the summary (headline metrics per round, MLflow run ids,
     where the artefacts went, whether DVC recorded them).
@@ -100,6 +110,10 @@ def tdm_pipeline(
             here when the run uses ``params`` unchanged, else to ``<root>/runs/<flow run>/``.
         tracking_uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI``, else
             ``sqlite:///<root>/mlflow.db``.
+        train_deployment: a deployment of ``flows.train.tdm_train`` (``"tdm-train/gpu"``):
+            each round trains as a flow run of it, on a worker of its work pool, and the flow
+            waits for it (the summary lists their ids under ``train_flow_runs``). Default: in
+            this process.
     Returns:
         The summary; on bad input (``tasks.steps.expected_errors``) a ``Failed`` state whose
         message is the error's one line (no traceback logged) and whose result raises it.
@@ -112,6 +126,8 @@ def tdm_pipeline(
     uri = resolve_tracking_uri(root, tracking_uri)
     overrides = list(overrides or [])
     cfg = config_task(params, overrides, rounds)
+    if train_deployment:
+        check_train_deployment(train_deployment)
     run_name, run_id = flow_run.name or "", flow_run.id or ""
     changes = [*overrides, *([f"rounds.count={rounds}"] if rounds is not None else [])]
     folder = artefact_root(cfg, params, root, run_name, run_id)
@@ -129,6 +145,9 @@ def tdm_pipeline(
             "prefect.flow_run_id": run_id,
         }
         summary: dict = {"rounds": [], "topk": cfg.eval.topk, ARTEFACT_ROOT: out}
+        if train_deployment:
+            summary["train_deployment"] = train_deployment
+            summary["train_flow_runs"] = []
         parent_name = run_label("tdm-pipeline", run_name, *changes)
         with tracked_run(uri, parent_name, root, tags=tags) as parent:
             log_config(parent, cfg)
@@ -153,7 +172,21 @@ def tdm_pipeline(
                     summary["mlflow"]["round_run_ids"].append(run.run_id)
                     log_config(run, cfg, round=r)
                     init_from = model if (r > 0 and cfg.rounds.warm_start) else None
-                    model = train_task(cfg, out, r, tree, init_from=init_from, run=run)
+                    if train_deployment:
+                        model, train_run = train_on_deployment(
+                            train_deployment,
+                            params,
+                            changes,
+                            out,
+                            r,
+                            tree,
+                            init_from=init_from,
+                            run=run,
+                            name=f"{run_name}-train-round-{r}" if run_name else None,
+                        )
+                        summary["train_flow_runs"].append(train_run)
+                    else:
+                        model = train_task(cfg, out, r, tree, init_from=init_from, run=run)
                     row = evaluate_task(cfg, out, r, model, run=run, previous_tree=previous_tree)
                     plot_data_task(out, r)
                     embeddings = export_task(out, r, model)
@@ -219,6 +252,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--root", default=".")
     parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument(
+        "--train-deployment",
+        default=None,
+        help="train each round as a flow run of this deployment, e.g. tdm-train/gpu",
+    )
     args = parser.parse_args(argv)
     state = tdm_pipeline(
         params=args.params,
@@ -226,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         rounds=args.rounds,
         root=args.root,
         tracking_uri=args.tracking_uri,
+        train_deployment=args.train_deployment,
         return_state=True,
     )
     try:

@@ -35,6 +35,7 @@ from tasks.tracking import (
 from tdm import stages
 from tdm.config import Config, load_config
 from tdm.data.checks import expected_window
+from tdm.errors import TdmError
 from tdm.paths import Paths
 
 P = ParamSpec("P")
@@ -45,9 +46,13 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the input's or the environment's fault, never a bug (``tdm.errors``):
     bad params or data, a tree or artefact file that does not load, a root in use, failed
     Great Expectations validation (``ValidationFailed``)."""
-    from tdm.errors import TdmError
-
     return (TdmError,)
+
+
+class TrainingDeploymentError(TdmError):
+    """The training deployment a pipeline names is missing, or a flow run of it did not complete
+    (failed, crashed, cancelled): one of ``expected_errors``, so the pipeline fails with its one
+    line (``flows.train.train_on_deployment``)."""
 
 
 def one_line(exc: BaseException) -> str:

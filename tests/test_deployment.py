@@ -1,15 +1,13 @@
 """The flow served as a deployment on a real local Prefect server, triggered through its API.
 
-The server and the served flow share the test session's ``PREFECT_HOME`` (tests/conftest.py)."""
+The server (the session's ``prefect_server``) and the served flow share the test session's
+``PREFECT_HOME`` (tests/conftest.py)."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,12 +20,6 @@ BIN = Path(sys.executable).parent
 TINY = BASE_TINY + ["rounds.count=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(predicate, seconds: float, what: str) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -37,62 +29,34 @@ def _wait(predicate, seconds: float, what: str) -> None:
     raise TimeoutError(f"{what} not ready after {seconds} s")
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
-def server():
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_RUNNER_POLL_FREQUENCY": "2",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-    }
-    procs = [
-        subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
+def server(prefect_server):
+    """The session's Prefect server (tests/conftest.py) with the flow served as deployment
+    ``tdm-pipeline/test``; yields the environment that reaches it."""
+    env = prefect_server
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flows.serve",
+            "--name",
+            "test",
+            "--params",
+            str(ROOT / "params.yaml"),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        _wait(lambda: _healthy(url), 90, "prefect server")
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "flows.serve",
-                    "--name",
-                    "test",
-                    "--params",
-                    str(ROOT / "params.yaml"),
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
         yield env
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def test_deployment_triggered_through_the_api_completes(server, tmp_path):
