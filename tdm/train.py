@@ -338,7 +338,7 @@ def train(
     callback: Callable[[int, dict[str, float]], bool | None] | None = None,
     device: str | torch.device | None = None,
 ) -> TrainResult:
-    """Train ``model`` on the sampler's (user, node) pairs with Eq. 4 and Adam.
+    """Train ``model`` on the sampler's (user, node) pairs with Eq. 4 (``train.optimizer``).
 
     Thread count and global seeding are the caller's: this function draws every random number
     from generators seeded by ``(cfg.seed, epoch)`` and the sampler's seed.
