@@ -4,7 +4,9 @@ A *ranker* is ``rank(split, rows, k, exclude) -> (items (B, K), scores (B, K))``
 ``K <= k`` item indices for the evaluation users ``rows`` of ``split`` (fewer columns than ``k``
 when the corpus is smaller, as ``tdm.retrieval`` returns), padded with -1, leaving out the
 per-user ``exclude`` CSR (a ranker may ignore it: filtering and complementing back to M happen
-here anyway).
+here anyway). TDM's ranker (``tdm.recommender.Recommender.ranker``) widens its beam for the
+users with excluded items (``retrieval.filter_beam``), so excluded leaves do not crowd out the
+items left to recommend.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def layerwise_report(rec: Recommender, split: EvalSplit, cfg: Config) -> dict:
     tree = rec.tree
     k = max(cfg.eval.topk, cfg.retrieval.beam_size)
     rows = np.arange(len(split.hist_offsets) - 1)
-    hist, windows = eval_batch(split, rows, rec.max_history, rec.window_bounds)
+    hist, windows = eval_batch(split, rows, rec.max_history, rec.window_bounds, rec.window_mode)
     _, _, levels = beam_search(
         rec.model,
         tree,

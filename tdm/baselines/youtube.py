@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tdm.baselines import model_meta, rank_dense
+from tdm.data.features import window_mode_of
 from tdm.data.samples import TrainSamples
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class YouTubeDNN:
         device = resolve_device(self.device)
         max_history, min_history, time_windows = model_meta(data)
         self.max_history, self.window_bounds = max_history, data.window_bounds
+        self.window_mode = window_mode_of(data.meta)
         samples = TrainSamples(data, max_history, max(min_history, 1), self.with_eval_history)
         cfg = ModelConfig(name="product_dnn", embedding_dim=self.embedding_dim, hidden=self.hidden)
         model = build_model(cfg, data.n_items, time_windows, seed=seed).to(device)
@@ -136,7 +138,9 @@ class YouTubeDNN:
         device = model.embedding.weight.device
 
         def rank(split, rows: np.ndarray, k: int, exclude: tuple[np.ndarray, np.ndarray]):
-            hist, windows = eval_batch(split, rows, self.max_history, self.window_bounds)
+            hist, windows = eval_batch(
+                split, rows, self.max_history, self.window_bounds, self.window_mode
+            )
             hist, windows = torch.from_numpy(hist), torch.from_numpy(windows)
 
             @torch.no_grad()

@@ -10,7 +10,9 @@
 4. each user's behaviours are sorted by timestamp (stable: ties keep the input row order); an
    evaluation user's first ``floor(n / 2)`` behaviours are the known history and the rest the
    ground truth; training users keep their whole sequence;
-5. the time-window boundaries are quantiles of the ages the training samples see.
+5. the time-window boundaries are quantiles of the ages the training samples see, measured as
+   ``data.window_mode`` measures them (``tdm.data.features``), or fixed position bounds for
+   ``position`` (:func:`position_window_bounds`).
 
 Everything stays CSR in flat int64 arrays: no (samples, history) matrix is ever built.
 """
@@ -30,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tdm.config import DataConfig
-from tdm.data.features import history_index
+from tdm.data.features import history_ages, history_index
 from tdm.data.schema import DataError, check_table
 from tdm.io import IntegrityError, atomic_dir, recover_dir, verify_manifest
 
@@ -205,6 +207,43 @@ def window_bounds_from_ages(ages: np.ndarray, n_windows: int) -> list[int]:
     return [int(b) for b in bounds]
 
 
+# The public TDM code's position windows (UserBehavior, 69 behaviours): groups of 20, 20, 10, 10,
+# 2, 2, 2, 1, 1, 1 from the oldest, i.e. cumulative counts from the most recent behaviour:
+POSITION_PROFILE = (0, 1, 2, 3, 5, 7, 9, 19, 29, 49, 69)
+
+
+def position_window_bounds(max_history: int, n_windows: int) -> list[int]:
+    """W-1 strictly increasing position bounds for ``data.window_mode = position``.
+
+    A behaviour's position is its rank from the most recent (0 = the most recent); its window is
+    ``searchsorted(bounds, position, side="right")``. Rule: the public TDM code's split of 69
+    behaviours into 10 windows (:data:`POSITION_PROFILE`: 1, 1, 1, 2, 2, 2, 10, 10, 20, 20 from
+    the most recent) as a piecewise-linear curve F from the share of windows (k/10) to the share
+    of positions covered; bound k = round(max_history * F(k / W)), raised to at least the
+    previous bound + 1 (so every window holds at least one position; with W > max_history the
+    oldest windows stay empty). At max_history = 69, W = 10 it is the public split exactly:
+    [1, 2, 3, 5, 7, 9, 19, 29, 49].
+
+    Args:
+        max_history: L, behaviours in a history.
+        n_windows: W.
+
+    Returns:
+        The W-1 bounds.
+    """
+    if n_windows <= 1:
+        return []
+    profile = np.asarray(POSITION_PROFILE, dtype=np.float64)
+    grid = np.linspace(0.0, 1.0, len(profile))  # share of windows
+    share = np.interp(np.arange(1, n_windows) / n_windows, grid, profile / profile[-1])
+    bounds = np.floor(max_history * share + 0.5).astype(np.int64)
+    previous = 0
+    for k in range(len(bounds)):
+        bounds[k] = max(bounds[k], previous + 1)
+        previous = bounds[k]
+    return [int(b) for b in bounds]
+
+
 def prepare(df: pd.DataFrame, cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     """Split ``df`` by the paper's protocol and write ``out_dir`` atomically.
 
@@ -296,10 +335,15 @@ def prepare(df: pd.DataFrame, cfg: DataConfig, out_dir: str | Path) -> dict[str,
         columns=list(ITEM_COLUMNS),
     )
     total_samples = n_samples(train, cfg.min_history)
-    bounds = window_bounds_from_ages(
-        _sample_ages(train, cfg.min_history, cfg.max_history, total_samples, rng),
-        cfg.time_windows,
-    )
+    if cfg.window_mode == "position":
+        bounds = position_window_bounds(cfg.max_history, cfg.time_windows)
+    else:
+        bounds = window_bounds_from_ages(
+            _sample_ages(
+                train, cfg.min_history, cfg.max_history, total_samples, rng, cfg.window_mode
+            ),
+            cfg.time_windows,
+        )
     meta = {
         "format_version": FORMAT_VERSION,
         "n_items": n_items,
@@ -308,6 +352,7 @@ def prepare(df: pd.DataFrame, cfg: DataConfig, out_dir: str | Path) -> dict[str,
         "n_test_users": test.n_users,
         "max_history": cfg.max_history,
         "time_windows": cfg.time_windows,
+        "window_mode": cfg.window_mode,
         "window_bounds": bounds,
         "data": dataclasses.asdict(cfg),
         "n_users": n_users,
@@ -408,8 +453,11 @@ def _sample_ages(
     max_history: int,
     total_samples: int,
     rng: np.random.Generator,
+    window_mode: str = "target_time",
 ) -> np.ndarray:
-    """Ages (target time - behaviour time) over the history pairs of sampled training samples."""
+    """Ages over the history pairs of sampled training samples, as ``window_mode`` measures
+    them (``tdm.data.features.history_ages``): from the target's time (``target_time``) or from
+    the sample's own last history behaviour (``last_behaviour``)."""
     if total_samples == 0:
         return np.zeros(0, dtype=np.int64)
     size = min(WINDOW_SAMPLE, total_samples)
@@ -417,7 +465,7 @@ def _sample_ages(
     positions = training_positions(train, min_history, picked)
     rows = np.searchsorted(train.offsets, positions, side="right") - 1
     index, valid = history_index(train.offsets[rows], positions, max_history)  # (B, L)
-    ages = train.times[positions][:, None] - train.times[index]  # (B, L)
+    ages = history_ages(train.times, index, positions, train.times[positions], window_mode)
     return ages[valid]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tdm.data.features import train_batch
+from tdm.data.features import train_batch, window_mode_of
 from tdm.data.protocol import Prepared, TrainSplit, training_positions
 
 
@@ -13,7 +13,8 @@ class TrainSamples:
     """Training samples derived from the prepared CSR sequences (the trainer's sample source).
 
     Every position with at least ``min_history`` earlier behaviours of its user is a sample; its
-    features are the at most ``max_history`` behaviours before it, split into time windows.
+    features are the at most ``max_history`` behaviours before it, split into time windows as
+    the prepared data's ``window_mode`` says (``tdm.data.features``).
     Per sample it keeps three numpy arrays in the narrowest integer type that holds them
     (``positions``, ``users``, ``lengths``: 4 + 4 + 2 bytes a sample up to 2^31 rows), never a
     Python object: 100M samples take ~1 GB.
@@ -37,6 +38,7 @@ class TrainSamples:
             )
         self.max_history = max_history
         self.window_bounds = data.window_bounds
+        self.window_mode = window_mode_of(data.meta)
         positions = training_positions(self.split, min_history)
         self.n_samples = len(positions)
         offsets = self.split.offsets
@@ -49,7 +51,11 @@ class TrainSamples:
     def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Histories (right-aligned) trimmed to the longest one in the batch."""
         hist, windows, targets = train_batch(
-            self.split, self.positions[index], self.max_history, self.window_bounds
+            self.split,
+            self.positions[index],
+            self.max_history,
+            self.window_bounds,
+            self.window_mode,
         )
         width = max(int(self.lengths[index].max()), 1)
         return hist[:, -width:], windows[:, -width:], targets
