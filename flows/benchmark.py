@@ -140,16 +140,14 @@ def tdm_benchmark(
             report = benchmark.assemble(cfg, dataset, per_seed, tune_mode, time.perf_counter() - t0)
             tables = benchmark.write_report(report, out)
             files = [out / "results.json", out / "tables.md"]
-            if report["summary"]["fig4"]:
-                from tasks.figures import layerwise_recall
+            from tasks.figures import layerwise_recall, test_curves
 
-                files.append(
-                    layerwise_recall(
-                        report["summary"]["fig4"],
-                        out / "fig4.png",
-                        f"{dataset}: TDM product-DNN, category tree",
-                    )
-                )
+            for key, draw, title in (
+                ("fig4", layerwise_recall, f"{dataset}: TDM product-DNN, category tree"),
+                ("fig5", test_curves, f"{dataset}: TDM attention-DNN, category vs learnt tree"),
+            ):
+                if report["summary"].get(key):
+                    files.append(draw(report["summary"][key], out / f"{key}.png", title))
             summary = {
                 f"{row}.{mode}.{metric}.{k}": stat[k]
                 for row, modes in report["summary"]["rows"].items()
@@ -161,7 +159,9 @@ def tdm_benchmark(
             for path in files:
                 log_file(parent, path, "report")
     create_markdown_artifact(
-        markdown=tables, key=f"tdm-benchmark-{_slug(dataset)}", description="Tables 2-4, Fig. 4"
+        markdown=tables,
+        key=f"tdm-benchmark-{_slug(dataset)}",
+        description="Tables 2-4, Fig. 4, Fig. 5",
     )
     return report
 

@@ -1,5 +1,5 @@
-"""PNG figures of one round for its MLflow run: the loss curve, the layer-wise recall and the
-tree's balance.
+"""PNG figures of one round for its MLflow run: the loss curve, the layer-wise recall, the
+tree's balance and the test curves of Fig. 5.
 
 matplotlib's object-oriented ``Figure`` API (no ``pyplot``): no global figure state, so the
 Prefect tasks can draw from any thread, and importing this module costs nothing until a figure
@@ -108,6 +108,45 @@ def tree_balance(tree: Tree, path: Path, title: str = "") -> Path:
     right.set_xticks(depths)
     for ax in (left, right):
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def test_curves(fig5: dict, path: Path, title: str = "") -> Path:
+    """Test loss and test Recall@M per epoch, one line per tree (Sec. 5.4, Fig. 5).
+
+    Args:
+        fig5: ``k`` (M) and ``curves``: label -> ``epoch`` (E,), ``loss`` (E,), ``recall`` (E,),
+            optionally ``loss_std`` and ``recall_std`` (E,) drawn as error bars (the benchmark's
+            mean ± std over seeds; ``tdm.benchmark.summarise``'s ``fig5``). A curve is the
+            ``test_curve`` of a ``train_log.json`` (``train.test_curve``).
+        path: the PNG to write.
+        title: the figure's title.
+    Returns:
+        ``path``.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.5))
+    left, right = fig.subplots(1, 2)
+    epochs_seen: set[int] = set()
+    for label, curve in fig5.get("curves", {}).items():
+        epochs = np.asarray(curve.get("epoch", []), dtype=np.float64)
+        epochs_seen.update(int(e) for e in epochs)
+        for ax, key in ((left, "loss"), (right, "recall")):
+            values = np.asarray(curve.get(key, []), dtype=np.float64)
+            std = curve.get(f"{key}_std")
+            spread = None if std is None or len(std) != len(values) else np.asarray(std)
+            ax.errorbar(epochs, values, yerr=spread, marker="o", capsize=3, label=label)
+    left.set(xlabel="epoch", ylabel="test loss (Eq. 4)", title="(a) test loss")
+    right.set(xlabel="epoch", ylabel=f"test Recall@{fig5.get('k', 'M')}", title="(b) test recall")
+    for ax in (left, right):
+        if epochs_seen and len(epochs_seen) <= 20:
+            ax.set_xticks(sorted(epochs_seen))
+        ax.grid(alpha=0.3)
+        if fig5.get("curves"):
+            ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
     return _save(fig, path)

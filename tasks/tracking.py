@@ -175,8 +175,9 @@ def log_tree(
     first_round: bool = False,
 ) -> dict[str, float]:
     """Tree figures as metrics (``tree.depth``, ``tree.n_nodes``, ``tree.purity.level_NN``,
-    ``tree.moved_fraction`` vs ``previous_tree``, 0 for the ``first_round``'s tree), the level
-    sizes as a JSON artefact and the tree file itself under ``tree/``."""
+    ``tree.moved_fraction`` vs ``previous_tree``, 0 for the ``first_round``'s tree, and on
+    generated data ``tree.truth.<grouping>_<figure>``, see ``truth_metrics``), the level sizes
+    as a JSON artefact and the tree file itself under ``tree/``."""
     from tdm.tree import Tree
     from tdm.tree_build import moved_fraction
 
@@ -187,6 +188,7 @@ def log_tree(
     }
     for level, purity in enumerate(stats.get("category_purity", [])):
         figures[level_key("tree.purity", level)] = purity
+    figures.update(truth_metrics(stats))
     if first_round:  # the initial tree: nothing moved yet
         figures["tree.moved_fraction"] = 0.0
     elif previous_tree is not None and Path(previous_tree).exists():
@@ -202,6 +204,21 @@ def log_tree(
 
     client.set_tag(run.run_id, "tree.md5", file_md5(tree_path))
     return figures
+
+
+TRUTH_FIGURES = ("purity", "nmi", "level")
+
+
+def truth_metrics(stats: dict) -> dict[str, float]:
+    """The tree-vs-truth report of ``tdm.stages.tree_report`` (``truth``, on data the synthetic
+    generator made) as metrics ``tree.truth.<grouping>_<purity|nmi|level>``, e.g.
+    ``tree.truth.category_nmi``, ``tree.truth.department_purity``; none without a truth."""
+    return {
+        f"tree.truth.{grouping}_{figure}": report[figure]
+        for grouping, report in sorted((stats.get("truth") or {}).items())
+        for figure in TRUTH_FIGURES
+        if figure in report
+    }
 
 
 def log_file(run: RunRef, path: Path, folder: str | None = None) -> None:
@@ -343,6 +360,10 @@ TREE_COLUMNS = (
     ("tree.n_nodes", "nodes", "{:.0f}"),
     ("tree.moved_fraction", "moved", "{:.3f}"),
     ("tree.purity.level_03", "purity@3", "{:.3f}"),
+    ("tree.truth.category_purity", "cat.purity", "{:.3f}"),
+    ("tree.truth.category_nmi", "cat.NMI", "{:.3f}"),
+    ("tree.truth.department_purity", "dept.purity", "{:.3f}"),
+    ("tree.truth.department_nmi", "dept.NMI", "{:.3f}"),
     ("tdm.none.precision", "P", "{:.2%}"),
     ("tdm.none.recall", "R", "{:.2%}"),
     ("tdm.items.recall", "R items", "{:.2%}"),
@@ -351,7 +372,11 @@ TREE_COLUMNS = (
 
 
 def compare_trees(tracking_uri: str, run_id: str | None = None, n_runs: int = 1) -> str:
-    """A table of the rounds (trees) of pipeline runs from MLflow, newest runs first.
+    """A table of the rounds (trees) of pipeline runs from MLflow, newest runs first: the tree's
+    shape, how much it moved, its purity against the data's categories (level 3) and, on data
+    the synthetic generator made, against the true categories and departments (``cat.*``,
+    ``dept.*``: purity and NMI at the level closest to the number of groups; "-" elsewhere),
+    then TDM's and most-popular's precision and recall.
 
     Args:
         tracking_uri: the MLflow store.

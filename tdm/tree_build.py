@@ -9,8 +9,8 @@ the same tree as ``from_ordered_items`` over the items in cluster order.
   random order).
 - ``kmeans_tree``: the learnt tree (recursive balanced k-means on the leaf embeddings), computed
   level by level for all segments of a level at once.
-- ``tree_purity``, ``moved_fraction``, ``item_order_from_tree``, ``subtree_leaf_counts``,
-  ``is_balanced``: reports and checks.
+- ``tree_purity``, ``truth_agreement``, ``moved_fraction``, ``item_order_from_tree``,
+  ``subtree_leaf_counts``, ``is_balanced``: reports and checks.
 """
 
 from __future__ import annotations
@@ -479,6 +479,49 @@ def tree_purity(tree: Tree, item_category: np.ndarray) -> np.ndarray:
         has = size > 0
         purity[j] = float(np.mean(best[has] / size[has]))
     return purity
+
+
+def closest_level(tree: Tree, n_groups: int) -> int:
+    """The level whose node count is closest to ``n_groups`` (the shallower one on a tie)."""
+    return int(np.argmin(np.abs(np.asarray(tree.level_sizes, dtype=np.int64) - int(n_groups))))
+
+
+def truth_agreement(tree: Tree, item_label: np.ndarray, level: int | None = None) -> dict:
+    """How well the subtrees of one level recover known groups of the items (a true taxonomy).
+
+    The items' groups are their ancestors at ``level`` (a leaf shallower than ``level`` is its
+    own group). Purity is ``tree_purity``'s at that level: the mean over its nodes of the
+    fraction of a node's leaves in the node's most frequent label. NMI is scikit-learn's
+    ``normalized_mutual_info_score`` (arithmetic normalisation) of labels vs groups: 1 when the
+    groups are the labels, about ``(G - 1)(C - 1) / (2 N ln C)`` for G random groups of N items
+    with C equal labels (chance is not 0: ~0.14 for a random tree's 64 subtrees over the
+    default data's 3,755 items and 64 categories).
+
+    Args:
+        tree: the tree.
+        item_label: array indexed by item id giving its true group, (max item id + 1,).
+        level: the level compared; None: ``closest_level`` to the number of distinct labels
+            among the tree's items.
+    Returns:
+        ``{"level", "nodes" (groups the level makes), "groups" (distinct labels), "purity",
+        "nmi"}``.
+    """
+    from sklearn.metrics import normalized_mutual_info_score
+
+    labels = np.asarray(item_label)[tree.leaf_items]  # (n_items,) in leaf_nodes order
+    n_labels = len(np.unique(labels))
+    if level is None:
+        level = closest_level(tree, n_labels)
+    if not 0 <= level <= tree.depth:
+        raise ValueError(f"level {level} is not in 0..{tree.depth}")
+    groups = _ancestor_at(tree, tree.leaf_nodes, level)  # (n_items,)
+    return {
+        "level": int(level),
+        "nodes": int(len(np.unique(groups))),
+        "groups": int(n_labels),
+        "purity": float(tree_purity(tree, item_label)[level]),
+        "nmi": float(normalized_mutual_info_score(labels, groups)),
+    }
 
 
 def _leaf_ranks(tree: Tree) -> np.ndarray:

@@ -1,6 +1,7 @@
 """`tdm benchmark`: baselines and TDM variants over seeds, summarised as the paper's tables."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,30 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 
+TRAININGS: list[dict] = []  # every tdm.stages.train call of the module's benchmark run
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    from tdm import stages
+
     out = tmp_path_factory.mktemp("bench") / "reports"
     overrides = [a for s in TINY for a in ("--set", s)]
     args = ["benchmark", "--params", str(ROOT / "params.yaml"), *overrides]
     args += ["--seeds", "0,1", "--baselines", "popular,itemcf"]
     args += ["--variants", "attention_dnn,product_dnn", "--rounds", "3", "--out", str(out)]
-    assert run([*args, "--work", str(out.parent / "work")]) == 0
+    train = stages.train
+
+    def spy(cfg, prepared_dir, tree_path, out_dir, init_from=None, **kwargs):
+        TRAININGS.append(
+            {"cfg": cfg, "tree": Path(tree_path).read_bytes(), "out": Path(out_dir)}
+            | {"init_from": init_from}
+        )
+        return train(cfg, prepared_dir, tree_path, out_dir, init_from=init_from, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stages, "train", spy)
+        assert run([*args, "--work", str(out.parent / "work")]) == 0
     return out
 
 
@@ -34,6 +51,7 @@ def test_every_method_and_round_is_averaged_over_the_seeds(report):
         "attention_dnn/round_0",
         "attention_dnn/round_1",
         "attention_dnn/round_2",
+        "attention_dnn/equal_budget",
         "product_dnn/round_0",
         "product_dnn/round_1",
     }
@@ -124,7 +142,10 @@ def test_tables_and_figure_are_written(report):
     assert table3["most-popular"]["Novelty (categories)"] == pct(novelty["mean"], novelty["std"])
     assert all(len(cols) == 4 for cols in table3.values())
     table4 = md_table(tables, "Table 4")
-    assert list(table4) == [label for label in labels if "attention-DNN" in label]
+    from_scratch = "TDM attention-DNN (learnt tree, from scratch)"
+    assert list(table4) == [label for label in labels if "attention-DNN" in label] + [from_scratch]
+    stat = rows["attention_dnn/equal_budget"]["none"]["recall"]
+    assert table4[from_scratch]["Recall (none)"] == pct(stat["mean"], stat["std"])
     stat = rows["attention_dnn/round_2"]["items"]["f_measure"]
     assert table4["TDM attention-DNN (relearnt twice)"]["F-measure (items)"] == pct(
         stat["mean"], stat["std"]
@@ -143,6 +164,106 @@ def test_tables_and_figure_are_written(report):
     assert fig4[str(levels[0])]["beam search"].startswith("100.00 ± ")
 
 
+def test_equal_budget_trains_round_1_s_tree_from_scratch_with_round_0_s_settings(report):
+    work = report.parent / "work"
+    result = json.loads((report / "results.json").read_text())
+    for seed in (0, 1):
+        variant = work / f"seed_{seed}/attention_dnn"
+        by_out = {t["out"]: t for t in TRAININGS if str(t["out"]).startswith(str(variant))}
+        round_0, round_1 = by_out[variant / "models/round_0"], by_out[variant / "models/round_1"]
+        equal = by_out[work / f"seed_{seed}/attention_dnn_equal_budget/models/round_1"]
+        assert round_0["init_from"] is None and equal["init_from"] is None  # from scratch
+        assert Path(round_1["init_from"]) == variant / "models/round_0"  # the alternating round
+        assert equal["tree"] == round_1["tree"] != round_0["tree"]  # round 1's learnt tree
+        for section in ("train", "model", "sampler", "retrieval", "data"):  # round 0's settings
+            assert getattr(equal["cfg"], section) == getattr(round_0["cfg"], section), section
+        assert equal["cfg"].train.test_curve and round_1["cfg"].train.test_curve
+        per_seed = result["per_seed"][str(seed)]
+        run_ = per_seed["equal_budget"]["attention_dnn"]
+        assert (
+            run_["train"]["epochs_run"]
+            == per_seed["tdm"]["attention_dnn"]["rounds"][0]["train"]["epochs_run"]
+        )
+        assert run_["train"]["test_curve"]["epoch"] == [1]  # train.epochs=1
+        assert set(run_["tree"]["truth"]) == {"category", "department"}  # generated data
+    # the other variants record no test curve
+    product = [t for t in TRAININGS if "product_dnn" in str(t["out"])]
+    assert product and not any(t["cfg"].train.test_curve for t in product)
+
+    # the paired differences, from the per-seed numbers
+    equal = result["summary"]["equal_budget"]
+    assert equal["n"] == 2
+    for kind, r in (("from_scratch", None), ("warm_start", 1)):
+        diffs = []
+        for seed in ("0", "1"):
+            tdm = result["per_seed"][seed]
+            rounds = tdm["tdm"]["attention_dnn"]["rounds"]
+            learnt = tdm["equal_budget"]["attention_dnn"] if r is None else rounds[r]
+            diffs.append(learnt["test"]["none"]["recall"] - rounds[0]["test"]["none"]["recall"])
+        stat = equal["paired"][kind]["none"]["recall"]
+        assert stat["mean"] == pytest.approx(np.mean(diffs))
+        assert stat["ahead"] == sum(d > 0 for d in diffs) and stat["n"] == 2
+    tables = (report / "tables.md").read_text()
+    paired = md_table(tables, "Table 4 at equal budget")
+    assert list(paired) == ["equal budget: from scratch", "alternating: warm start"]
+    stat = equal["paired"]["from_scratch"]["items"]["recall"]
+    cell = f"{100 * stat['mean']:+.2f} ± {100 * stat['std']:.2f} ({stat['ahead']}/2)"
+    assert paired["equal budget: from scratch"]["Recall (items)"] == cell
+    assert (
+        paired["equal budget: from scratch"]["epochs (learnt vs category)"]
+        == "1.0 (1.0) vs 1.0 (1.0)"
+    )
+
+
+def test_fig5_averages_the_test_curves_over_the_seeds(report):
+    result = json.loads((report / "results.json").read_text())
+    assert (report / "fig5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig5 = result["summary"]["fig5"]
+    assert fig5["k"] == 10
+    assert list(fig5["curves"]) == [
+        "category tree",
+        "learnt tree, from scratch",
+        "learnt tree, warm start (round 1)",
+    ]
+    per_seed = [result["per_seed"][s] for s in ("0", "1")]
+    where = {
+        "category tree": lambda p: p["tdm"]["attention_dnn"]["rounds"][0],
+        "learnt tree, from scratch": lambda p: p["equal_budget"]["attention_dnn"],
+        "learnt tree, warm start (round 1)": lambda p: p["tdm"]["attention_dnn"]["rounds"][1],
+    }
+    for label, get in where.items():
+        curves = [get(p)["train"]["test_curve"] for p in per_seed]
+        got = fig5["curves"][label]
+        assert got["epoch"] == [1] and got["n"] == [2]
+        for key in ("loss", "recall"):
+            values = [c[key][0] for c in curves]
+            assert got[key][0] == pytest.approx(np.mean(values))
+            assert got[f"{key}_std"][0] == pytest.approx(np.std(values, ddof=1))
+    table = md_table((report / "tables.md").read_text(), "Fig. 5")
+    recall = fig5["curves"]["category tree"]
+    cell = f"{100 * recall['recall'][0]:.2f} ± {100 * recall['recall_std'][0]:.2f}"
+    assert list(table) == ["1"] and table["1"]["category tree: recall"] == cell
+
+
+def test_every_tree_is_measured_against_the_generator_s_taxonomy(report):
+    result = json.loads((report / "results.json").read_text())
+    truth = result["summary"]["truth"]
+    assert set(truth) == {r for r in result["summary"]["rows"] if "/round_" in r}
+    per_seed = [result["per_seed"][s] for s in ("0", "1")]
+    for row, stats in truth.items():
+        name, r = row.split("/round_")
+        for grouping in ("category", "department"):
+            trees = [p["tdm"][name]["rounds"][int(r)]["tree"]["truth"][grouping] for p in per_seed]
+            assert stats[grouping]["nmi"]["mean"] == pytest.approx(
+                np.mean([t["nmi"] for t in trees])
+            )
+            assert stats[grouping]["level"] == sorted({t["level"] for t in trees})
+    table = md_table((report / "tables.md").read_text(), "Trees against the true taxonomy")
+    stat = truth["attention_dnn/round_1"]["department"]
+    cell = f"{stat['nmi']['mean']:.3f} ± {stat['nmi']['std']:.3f}"
+    assert table["TDM attention-DNN (learnt tree)"]["department NMI"] == cell
+
+
 def test_finished_methods_are_reused_only_with_the_settings_they_depend_on(report, monkeypatch):
     from tdm import baselines, benchmark
     from tdm.config import load_config
@@ -159,8 +280,13 @@ def test_finished_methods_are_reused_only_with_the_settings_they_depend_on(repor
         ran.append(name)
         raise AssertionError(f"{name} was run again")
 
+    def no_equal_budget(cfg, folder, name, tree):
+        ran.append(f"{name} from scratch")
+        raise AssertionError(f"{name} from scratch was run again")
+
     monkeypatch.setattr(benchmark, "_baseline", no_baseline)
     monkeypatch.setattr(benchmark, "_variant", no_variant)
+    monkeypatch.setattr(benchmark, "_equal_budget", no_equal_budget)
     again = benchmark.run(
         cfg, "x", work, [0, 1], ["popular", "itemcf"], ["attention_dnn", "product_dnn"], rounds=3
     )
@@ -183,6 +309,19 @@ def test_finished_methods_are_reused_only_with_the_settings_they_depend_on(repor
     monkeypatch.setitem(baselines.GRIDS, "itemcf", {"neighbours": [7]})  # another grid
     with pytest.raises(AssertionError, match="itemcf was run again"):
         benchmark.run(cfg, "x", work, [0], ["popular", "itemcf"], [], rounds=1)
+    # the run from scratch depends on the learnt tree it trains on, too
+    learnt = work / "seed_0/attention_dnn/trees/round_1.tree"
+    kept = learnt.read_bytes()
+    try:
+        shutil.copyfile(work / "seed_0/attention_dnn/trees/round_0.tree", learnt)
+        with pytest.raises(AssertionError, match="attention_dnn from scratch was run again"):
+            benchmark.run(cfg, "x", work, [0], [], ["attention_dnn"], rounds=3)
+    finally:
+        learnt.write_bytes(kept)
+    learnt.unlink()  # made again from round 0's embeddings: the same tree, nothing re-run
+    benchmark.run(cfg, "x", work, [0], [], ["attention_dnn"], rounds=3)
+    assert learnt.read_bytes() == kept
+    assert ran == ["product_dnn", "product_dnn", "popular", "itemcf", "attention_dnn from scratch"]
 
 
 def test_by_history_length_splits_the_test_users_of_every_seed(report, tmp_path, capsys):

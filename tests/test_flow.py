@@ -309,6 +309,11 @@ def test_flow_tracks_parent_and_round_runs(flow_run):
         # the purity of each level of the round's tree, level 00 (root) first
         expected = tree_purity(Tree.load(root / f"trees/round_{params['round']}.tree"), categories)
         assert _logged_purity(metrics) == pytest.approx(expected, abs=5e-5)
+        report = json.loads((root / f"metrics/round_{params['round']}.json").read_text())
+        for grouping in ("category", "department"):  # the generator's taxonomy
+            for figure in ("purity", "nmi"):
+                value = report["tree"]["truth"][grouping][figure]
+                assert metrics[f"tree.truth.{grouping}_{figure}"] == pytest.approx(value)
         layerwise = [k for k in metrics if k.startswith("layerwise.")]
         assert layerwise and all(LEVEL_KEY.search(k) for k in layerwise), layerwise
         assert params["model.hidden"] == "[16, 8]" and "round" in params
@@ -399,6 +404,9 @@ def test_compare_trees_lists_every_round(flow_run, capsys):
     assert [r[:2] for r in rows] == [[parent, "0"], [parent, "1"]]
     assert rows[0][4] == "0.000" and 0.0 < float(rows[1][4]) <= 1.0  # moved fraction
     assert table[0].split()[5] == "purity@3" and all(r[5] != "-" for r in rows)
+    # the data is the generator's (`tdm generate`, same params): trees against its taxonomy
+    assert table[0].split()[6:10] == ["cat.purity", "cat.NMI", "dept.purity", "dept.NMI"]
+    assert all(0.0 <= float(x) <= 1.0 for r in rows for x in r[6:10])
 
 
 def test_flow_writes_the_dvc_plot_data(flow_run):

@@ -28,13 +28,16 @@ def test_tdm_never_imports_orchestration_code_not_even_lazily():
 
 
 def test_the_orchestration_commands_and_figures_are_entry_points():
-    """`tdm compare-trees` and fig4 reach tasks/ through the package's entry points."""
+    """`tdm compare-trees`, fig4 and fig5 reach tasks/ through the package's entry points."""
     from importlib.metadata import entry_points
 
     commands = {ep.name: ep.value for ep in entry_points(group="tdm.commands")}
     figures = {ep.name: ep.value for ep in entry_points(group="tdm.figures")}
     assert commands == {"compare-trees": "tasks.commands:compare_trees"}
-    assert figures == {"layerwise_recall": "tasks.figures:layerwise_recall"}
+    assert figures == {
+        "layerwise_recall": "tasks.figures:layerwise_recall",
+        "test_curves": "tasks.figures:test_curves",
+    }
     from tdm.cli import _parser
 
     assert "compare-trees" in _parser()._subparsers._group_actions[0].choices

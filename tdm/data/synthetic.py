@@ -351,6 +351,40 @@ def generate_chunks(cfg: SyntheticConfig) -> Iterator[pd.DataFrame]:
         )
 
 
+def true_taxonomy(cfg: SyntheticConfig) -> pd.DataFrame:
+    """The taxonomy the generator draws from ``cfg``: every item's true category and department.
+
+    The truth a learnt tree is measured against (``tdm.tree_build.truth_agreement``). It replays
+    the draws of :func:`generate_chunks` up to the raw ids without changing them: the taxonomy,
+    then (when the config fits in one chunk, where the ids are drawn after the behaviours) one
+    chunk's behaviours, which are dropped. O(n_items + n_categories), plus one chunk's
+    behaviours for a one-chunk config (the default: ~0.1 s).
+
+    Args:
+        cfg: the ``synthetic`` section the data was generated with.
+    Returns:
+        One row per item of the corpus (also the items no behaviour touches), in the generator's
+        item order: ``item_id`` and ``category_id`` (int64 raw ids, as in the generated data)
+        and ``department`` (int64, 0..n_departments-1; the data has no department column).
+    """
+    _check(cfg)
+    rng = np.random.default_rng(cfg.seed)
+    tax = _taxonomy(cfg, rng)
+    n_items, n_cats = len(tax.cat_of_item), len(tax.dept_of_cat)
+    if cfg.n_users <= users_per_chunk(cfg):  # generate_chunks' one-chunk order of draws
+        _behaviours(cfg, tax, cfg.n_users, rng)
+        _distinct_ids(cfg.n_users, rng, sort=True)
+    item_ids = _distinct_ids(n_items, rng, sort=False)
+    category_ids = _distinct_ids(n_cats, rng, sort=False)
+    return pd.DataFrame(
+        {
+            "item_id": item_ids,
+            "category_id": category_ids[tax.cat_of_item],
+            "department": tax.dept_of_cat[tax.cat_of_item].astype(np.int64),
+        }
+    )
+
+
 def generate(cfg: SyntheticConfig) -> pd.DataFrame:
     """Generate a behaviour log in memory (see the module docstring for the story).
 
