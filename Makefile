@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[mlops,dev]"
+	$(PY) -m pip install -q -e ".[mlops,serve,dev]"
 	touch $(STAMP)
 
 # The embedded default data $(DATA): data.dvc imports it from the `generate` stage of dvc.yaml
@@ -75,6 +75,15 @@ serve: $(STAMP) data
 .PHONY: deploy-train
 deploy-train: $(STAMP)
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(PY) -m flows.deploy --pool $(or $(POOL),gpu)
+
+# The model `make pipeline` trained (the last round; MODEL=models/round_0 or
+# MODEL=models:/tdm/champion for another) as an HTTP service (README, "Serving"): the demo page
+# at http://127.0.0.1:8000/, the API at /openapi.json. An empty behaviour store is filled with
+# the evaluation users' known histories first, so that the page has users to pick.
+.PHONY: serve-model
+serve-model: $(STAMP)
+	$(VENV)/bin/tdm serve --params $(PARAMS) $(SET) $(if $(MODEL),--model $(MODEL)) \
+		$(if $(wildcard prepared/meta.json),--import-users prepared)
 
 mlflow-ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
