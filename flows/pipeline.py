@@ -51,6 +51,7 @@ from tasks.steps import (
     plot_data_task,
     plot_summary_task,
     prepare_task,
+    register_task,
     relearn_task,
     run_logger,
     train_task,
@@ -98,6 +99,8 @@ def tdm_pipeline(
     root: str = ".",
     tracking_uri: str | None = None,
     train_deployment: str | None = None,
+    register_as: str | None = "tdm",
+    promote: bool = True,
 ) -> dict:
     """Run every round and return the summary (headline metrics per round, MLflow run ids,
     where the artefacts went, whether DVC recorded them).
@@ -110,6 +113,10 @@ def tdm_pipeline(
             here when the run uses ``params`` unchanged, else to ``<root>/runs/<flow run>/``.
         tracking_uri: MLflow tracking URI; default ``$MLFLOW_TRACKING_URI``, else
             ``sqlite:///<root>/mlflow.db``.
+        register_as: the MLflow registered model every round's model becomes a version of
+            (``tasks.registry.register``); None: no registration.
+        promote: move the registered model's alias ``champion`` to a round's version when it
+            beats the champion's validation recall (``tdm serve --model models:/tdm/champion``).
         train_deployment: a deployment of ``flows.train.tdm_train`` (``"tdm-train/gpu"``):
             each round trains as a flow run of it, on a worker of its work pool, and the flow
             waits for it (the summary lists their ids under ``train_flow_runs``). Default: in
@@ -144,7 +151,12 @@ def tdm_pipeline(
             "prefect.flow_run_name": run_name,
             "prefect.flow_run_id": run_id,
         }
-        summary: dict = {"rounds": [], "topk": cfg.eval.topk, ARTEFACT_ROOT: out}
+        summary: dict = {
+            "rounds": [],
+            "topk": cfg.eval.topk,
+            ARTEFACT_ROOT: out,
+            "registered": [],
+        }
         if train_deployment:
             summary["train_deployment"] = train_deployment
             summary["train_flow_runs"] = []
@@ -188,6 +200,9 @@ def tdm_pipeline(
                     else:
                         model = train_task(cfg, out, r, tree, init_from=init_from, run=run)
                     row = evaluate_task(cfg, out, r, model, run=run, previous_tree=previous_tree)
+                    if register_as:
+                        registered = register_task(run, model, r, register_as, promote)
+                        summary["registered"].append(registered)
                     plot_data_task(out, r)
                     embeddings = export_task(out, r, model)
                     if r + 1 < cfg.rounds.count:
@@ -239,8 +254,25 @@ def closing_text(summary: dict, root: str = ".") -> str:
             f"{run_url(mlflow_info['experiment_id'], mlflow_info['parent_run_id'])}: "
             "the pipeline run, its rounds in the experiment tdm-pipeline",
             "Trees side by side: `tdm compare-trees`",
+            *_registry_lines(summary.get("registered") or []),
         ]
     )
+
+
+def _registry_lines(registered: list[dict]) -> list[str]:
+    """Where the registered versions are and how to serve the champion."""
+    if not registered:
+        return []
+    last = registered[-1]
+    champion = (last.get("promotion") or {}).get("champion")
+    lines = [
+        f"MLflow Model Registry: {last['name']} versions "
+        + ", ".join(r["version"] for r in registered)
+        + (f"; champion: version {champion}" if champion else "")
+    ]
+    if champion:
+        lines.append(f"Serve it: `tdm serve --model models:/{last['name']}/champion`")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -257,6 +289,10 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="train each round as a flow run of this deployment, e.g. tdm-train/gpu",
     )
+    parser.add_argument(
+        "--register-as", default="tdm", help="MLflow registered model name ('' : none)"
+    )
+    parser.add_argument("--no-promote", action="store_true", help="never move the alias champion")
     args = parser.parse_args(argv)
     state = tdm_pipeline(
         params=args.params,
@@ -265,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
         root=args.root,
         tracking_uri=args.tracking_uri,
         train_deployment=args.train_deployment,
+        register_as=args.register_as or None,
+        promote=not args.no_promote,
         return_state=True,
     )
     try:

@@ -213,29 +213,33 @@ def train_task(
     run: RunRef | None = None,
 ) -> str:
     """Train on ``tree`` -> ``<root>/models/round_<r>`` (``tdm.stages.train``; the GPU step,
-    ``train.device: auto`` picks CUDA when present). Per-epoch ``loss`` and ``valid_recall`` go
-    to ``run`` with ``step=epoch``; then the loss curve (PNG) and the model as an MLflow pyfunc
-    model that loads back (``tasks.pyfunc``). Each epoch's loss and validation recall also go to
-    the task run's log. Returns the model folder."""
+    ``train.device: auto`` picks CUDA when present). Per-epoch ``loss`` and ``valid_recall``
+    (with ``train.test_curve`` also ``test_loss`` and ``test_recall``, reported only) go to
+    ``run`` with ``step=epoch``; then the loss curve (PNG), with ``train.test_curve`` Fig. 5
+    (``fig5.png``: the test curves of the rounds so far, ``figures.test_curves``), and the model
+    as an MLflow pyfunc model that loads back (``tasks.pyfunc``). Each epoch's loss and
+    validation recall also go to the task run's log. Returns the model folder."""
     out = Paths(Path(root)).model(round_)
     logger = run_logger()
 
     def on_epoch(epoch: int, stats: dict) -> None:
+        test = ""
+        if "test_recall" in stats:  # train.test_curve: reported, never used by training
+            test = f", test loss {stats['test_loss']:.4f}, Recall@{cfg.eval.topk} "
+            test += f"{stats['test_recall']:.4f}"
         logger.info(
-            "epoch %d/%d: loss %.4f, validation Recall@%d %.4f (%.0f samples/s)",
+            "epoch %d/%d: loss %.4f, validation Recall@%d %.4f (%.0f samples/s)%s",
             epoch + 1,
             cfg.train.epochs,
             stats.get("loss", float("nan")),
             cfg.eval.topk,
             stats.get("valid_recall", float("nan")),
             stats.get("samples_per_s", float("nan")),
+            test,
         )
         if run is not None:
-            log_metrics(
-                run,
-                {k: stats[k] for k in ("loss", "valid_recall", "samples_per_s") if k in stats},
-                step=epoch,
-            )
+            keys = ("loss", "valid_recall", "samples_per_s", "test_loss", "test_recall")
+            log_metrics(run, {k: stats[k] for k in keys if k in stats}, step=epoch)
 
     summary = stages.train(
         cfg,
@@ -267,8 +271,37 @@ def train_task(
         from tasks import figures, pyfunc
 
         log_figure(run, figures.loss_curve, summary, "loss.png", title=f"round {round_}")
+        if summary.get("test_curve"):
+            log_figure(
+                run,
+                figures.test_curves,
+                _round_curves(root, round_, summary),
+                "fig5.png",
+                title=f"rounds 0-{round_}: test loss and recall per epoch",
+            )
         pyfunc.log(run, out, "recommender")
     return str(out)
+
+
+def _round_curves(root: str, round_: int, summary: dict) -> dict:
+    """Fig. 5's data (``figures.test_curves``): the test curve of every round up to ``round_``
+    that recorded one (round 0: the category tree; later rounds: re-learnt trees, warm-started
+    when ``rounds.warm_start``), ``summary`` being round ``round_``'s training log."""
+    import json
+
+    curves = {}
+    for r in range(round_ + 1):
+        log_path = Paths(Path(root)).model(r) / stages.TRAIN_LOG_FILE
+        if r == round_:
+            curve = summary.get("test_curve")
+        elif log_path.exists():
+            curve = json.loads(log_path.read_text()).get("test_curve")
+        else:
+            curve = None
+        if curve:
+            tree = "category tree" if r == 0 else "re-learnt tree"
+            curves[f"round {r} ({tree})"] = curve
+    return {"k": summary["test_curve"]["k"], "curves": curves}
 
 
 @task(name="evaluate", task_run_name="evaluate-round-{round_}", cache_policy=NO_CACHE)
@@ -282,8 +315,9 @@ def evaluate_task(
 ) -> dict:
     """Metrics -> ``<root>/metrics/round_<r>.json`` (``tdm.stages.evaluate``). Logs every
     ``<method>.<filter>.<metric>``, the tree figures (with the moved fraction vs
-    ``previous_tree``), the tree file, the metrics file and PNGs of the layer-wise recall and the
-    tree's balance. Returns the headline row."""
+    ``previous_tree`` and, on generated data, ``tree.truth.*``: ``tracking.log_tree``), the tree
+    file, the metrics file and PNGs of the layer-wise recall and the tree's balance. Returns the
+    headline row."""
     paths = Paths(Path(root))
     out = paths.metrics(round_)
     report = stages.evaluate(cfg, paths.prepared, Path(model_dir), out)
@@ -333,10 +367,19 @@ def export_task(root: str, round_: int, model_dir: str) -> str:
 
 @task(name="relearn-tree", task_run_name="relearn-round-{round_}", cache_policy=NO_CACHE)
 def relearn_task(cfg: Config, root: str, round_: int, embeddings: str) -> str:
-    """K-means tree over round ``r``'s embeddings -> ``<root>/trees/round_<r+1>.tree``
-    (``tdm.stages.relearn_tree``). Returns the new tree's path."""
-    out = Paths(Path(root)).tree(round_ + 1)
-    stages.relearn_tree(cfg, Path(embeddings), out)
+    """Round ``r``'s re-learnt tree -> ``<root>/trees/round_<r+1>.tree``
+    (``tdm.stages.relearn_tree``): k-means over the round's ``embeddings``, or with
+    ``tree.learner: jtm`` JTM over ``<root>/models/round_<r>`` and ``<root>/prepared``. Returns
+    the new tree's path."""
+    paths = Paths(Path(root))
+    out = paths.tree(round_ + 1)
+    stages.relearn_tree(
+        cfg,
+        Path(embeddings),
+        out,
+        model_dir=paths.model(round_),
+        prepared_dir=paths.prepared,
+    )
     return str(out)
 
 
@@ -425,3 +468,24 @@ def validate_prepared_task(cfg: Config, root: str, tree: str, run: RunRef | None
     path = _keep_report(report, root, "prepared", run)
     require(report)
     return str(path)
+
+
+@task(name="register-model", task_run_name="register-round-{round_}", cache_policy=NO_CACHE)
+def register_task(
+    run: RunRef, model_dir: str, round_: int, name: str = "tdm", promote: bool = True
+) -> dict:
+    """Register round ``round_``'s model as a new version of ``name`` in the MLflow Model
+    Registry (``tasks.registry.register``) and, with ``promote``, move the alias ``champion`` to
+    it when it beats the current champion's validation recall (``tasks.registry.promote``).
+    Returns the registration, with the promotion's outcome under ``promotion``."""
+    from tasks.registry import promote as promote_version
+    from tasks.registry import register
+
+    logger = run_logger()
+    version = register(run, model_dir, name=name, tags={"round": str(round_)})
+    if promote:
+        version["promotion"] = promote_version(
+            name, version["version"], tracking_uri=run.tracking_uri
+        )
+        logger.info("%s version %s: %s", name, version["version"], version["promotion"]["reason"])
+    return version

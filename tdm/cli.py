@@ -65,9 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--model", help="model folder (default models/round_<r>)")
     p.add_argument("--out", help="embeddings file (default embeddings/round_<r>.npy)")
-    p = add("relearn-tree", "re-learn the tree from item embeddings (balanced k-means, Sec. 3.5)")
-    p.add_argument("--round", type=int, default=0, help="round whose embeddings are clustered")
-    p.add_argument("--embeddings", help="embeddings file (default embeddings/round_<r>.npy)")
+    p = add(
+        "relearn-tree",
+        "re-learn the tree after a round: balanced k-means over the item embeddings (Sec. 3.5) "
+        "or, with tree.learner=jtm, JTM's tree learning from the model's likelihood",
+    )
+    p.add_argument("--round", type=int, default=0, help="round whose model re-learns the tree")
+    p.add_argument(
+        "--embeddings", help="kmeans: embeddings file (default embeddings/round_<r>.npy)"
+    )
+    p.add_argument("--model", help="jtm: model folder (default models/round_<r>)")
     p.add_argument("--out", help="tree file (default trees/round_<r+1>.tree)")
     p = add("evaluate", "evaluate a trained model with beam search (Algorithm 1, Eq. 5-7)")
     p.add_argument("--round", type=int, default=0)
@@ -94,6 +101,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work", help="scratch folder for models (default: a temporary folder)")
     p = add("generate", "write the synthetic data set as a UserBehavior.csv file")
     p.add_argument("--out", required=True)
+    p = add("serve", "the online retrieval service over HTTP: behaviour events in, top-k out")
+    p.add_argument(
+        "--model",
+        help="model folder or models:/NAME/ALIAS|VERSION (MLflow registry; needs the mlops "
+        "extra); default serve.model, else models/round_<rounds.count-1>",
+    )
+    p.add_argument("--host", help="address to listen on (default serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (default serve.port)")
+    p.add_argument("--store", help="behaviour store, a SQLite file (default serve.store)")
+    p.add_argument("--titles", help="item titles: MovieLens folder or movies file, or a CSV")
+    p.add_argument(
+        "--import-users",
+        metavar="PREPARED",
+        help="put the known histories of a prepared folder's evaluation users into an empty store",
+    )
+    p.add_argument("--device", help="where to score (default CUDA when present)")
     for register in _plugins(COMMANDS).values():  # e.g. compare-trees, from tasks/
         register(sub, common)
     return parser
@@ -195,7 +218,11 @@ def _takes_lock() -> bool:
 
 def _config(args: argparse.Namespace):
     """The params of the command; ``recommend`` falls back to the defaults without a file."""
-    if args.command == "recommend" and not Path(args.params).exists() and not args.overrides:
+    if (
+        args.command in ("recommend", "serve")
+        and not Path(args.params).exists()
+        and not args.overrides
+    ):
         from tdm.config import Config
 
         return Config()
@@ -227,7 +254,11 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
         )
     elif cmd == "relearn-tree":
         result = stages.relearn_tree(
-            cfg, Path(args.embeddings or paths.embeddings(r)), Path(args.out or paths.tree(r + 1))
+            cfg,
+            Path(args.embeddings or paths.embeddings(r)),
+            Path(args.out or paths.tree(r + 1)),
+            model_dir=Path(args.model or paths.model(r)),
+            prepared_dir=paths.prepared,
         )
     elif cmd == "evaluate":
         result = stages.evaluate(
@@ -239,7 +270,12 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
     elif cmd == "recommend":
         from tdm.recommender import Recommender
 
-        rec = Recommender.load(args.model, model_name=cfg.model.name, max_k=cfg.retrieval.max_k)
+        rec = Recommender.load(
+            args.model,
+            model_name=cfg.model.name,
+            max_k=cfg.retrieval.max_k,
+            filter_beam=cfg.retrieval.filter_beam,
+        )
         items, scores = rec.recommend(
             _history(args.history), args.k, exclude_seen=not args.keep_seen
         )
@@ -254,6 +290,29 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
     elif cmd == "benchmark":
         _benchmark(cfg, args)
         return 0
+    elif cmd == "serve":
+        from tdm.serving.app import serve
+        from tdm.serving.source import scheme
+
+        def here(path: str | None) -> str | None:  # paths given here: relative to the cwd
+            return str(Path(path).resolve()) if path else None
+
+        # params' paths (serve.model, serve.store, the default model) are relative to --root
+        source = cfg.serve.model or Paths(Path(".")).model(cfg.rounds.count - 1).as_posix()
+        if args.model:
+            source = args.model if scheme(args.model) else here(args.model)
+        serve(
+            cfg,
+            source,
+            root=args.root,
+            host=args.host,
+            port=args.port,
+            store=here(args.store),
+            titles=here(args.titles),
+            import_users=here(args.import_users),
+            device=args.device,
+        )
+        return 0
     else:  # pragma: no cover - argparse rejects unknown commands
         raise AssertionError(cmd)
     if isinstance(result, dict):
@@ -262,7 +321,7 @@ def _dispatch(args: argparse.Namespace, cfg) -> int:
 
 
 def _benchmark(cfg, args: argparse.Namespace) -> None:
-    """``tdm benchmark``: results.json, tables.md and (with matplotlib) fig4.png."""
+    """``tdm benchmark``: results.json, tables.md and (with matplotlib) fig4.png, fig5.png."""
     import tempfile
 
     from tdm import benchmark
@@ -281,13 +340,19 @@ def _benchmark(cfg, args: argparse.Namespace) -> None:
             tune_mode=args.tune_mode,
         )
     tables = benchmark.write_report(result, out)
-    fig4 = result["summary"]["fig4"]
-    if fig4:
-        draw = _plugins(FIGURES).get("layerwise_recall")
+    figures = (
+        ("fig4", "layerwise_recall", f"{dataset}: TDM product-DNN, category tree"),
+        ("fig5", "test_curves", f"{dataset}: TDM attention-DNN, category vs learnt tree"),
+    )
+    for name, drawer, title in figures:
+        data = result["summary"].get(name)
+        if not data:
+            continue
+        draw = _plugins(FIGURES).get(drawer)
         if draw is None:  # matplotlib comes with the mlops extra; the tables do not need it
-            log.warning("no figure drawer installed (pip install tdm-flow[mlops]): no fig4.png")
+            log.warning("no figure drawer installed (pip install tdm-flow[mlops]): no %s.png", name)
         else:
-            draw(fig4, out / "fig4.png", f"{dataset}: TDM product-DNN, category tree")
+            draw(data, out / f"{name}.png", title)
     print(tables)
     print(f"wrote {out}/results.json, tables.md")
 

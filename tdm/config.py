@@ -66,6 +66,7 @@ class DataConfig:
     max_history: Positive = 69
     min_history: Count = 1
     time_windows: Positive = 10
+    window_mode: Literal["target_time", "last_behaviour", "position"] = "target_time"
     category_rule: Literal["first", "rarest"] = "first"
     seed: Count = 0
 
@@ -92,12 +93,17 @@ class TreeConfig:
     arity: Annotated[int, Range(2)] = 2
     seed: Count = 0
     kmeans_iters: Positive = 10
+    learner: Literal["kmeans", "jtm"] = "kmeans"
+    jtm_gap: Annotated[int, Range(1, 6)] = 3
+    jtm_samples_per_item: Count = 16
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     negatives_per_level: list[Count] | None = None
     total_negatives: Count = 100
+    profile: Literal["proportional", "leaf_heavy"] = "proportional"
+    replacement: bool = True
     mode: Literal["random", "siblings"] = "random"
     seed: Count = 0
 
@@ -133,11 +139,13 @@ class TrainConfig:
     select_best: bool = True
     patience: Count = 0
     progress: bool = True
+    test_curve: bool = False
 
 
 @dataclass(frozen=True)
 class RetrievalConfig:
     beam_size: Positive = 10
+    filter_beam: Count = 0
     ranking: Literal["node", "path"] = "node"
     batch_size: Positive = 256
     max_k: Positive = 1000
@@ -158,6 +166,23 @@ class RoundsConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: Annotated[int, Range(0, 65535)] = 8000
+    store: str = "serving/behaviors.sqlite"
+    store_sync: Literal["full", "normal"] = "full"
+    titles: str | None = None
+    max_batch: Positive = 64
+    max_wait_ms: Annotated[float, Range(0.0, 1000.0)] = 2.0
+    max_body_bytes: Annotated[int, Range(1024)] = 1_048_576
+    max_events: Positive = 1000
+    max_request_history: Positive = 1000
+    reload_poll_s: Annotated[float, Range(0.0)] = 0.0
+    num_threads: Count = 0
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -168,6 +193,7 @@ class Config:
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
