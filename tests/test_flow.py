@@ -657,3 +657,31 @@ def test_artefact_root_of_a_run(tmp_path):
         tmp_path / "runs/crimson-fox-abcdef12"
     )
     assert artefact_root(other, params, tmp_path, "my run/2", "id-2") == tmp_path / "runs/my-run-2"
+
+
+def test_every_round_is_registered_and_the_best_is_champion(flow_run):
+    """Each round's model is a version of the registered model `tdm`, tagged with its round and
+    validation recall; the alias `champion` sits on the best one, which `models:/` resolves."""
+    root, uri, state = flow_run
+    summary = state.result()
+    client = MlflowClient(tracking_uri=uri)
+    versions = {
+        int(v.tags["round"]): v
+        for v in client.search_model_versions("name='tdm'")
+        if v.run_id in summary["mlflow"]["round_run_ids"]
+    }
+    assert set(versions) == {0, 1}
+    recalls = {}
+    for r, version in versions.items():
+        log = json.loads((root / f"models/round_{r}/train_log.json").read_text())
+        recalls[r] = log["valid_recall"][log["best_epoch"]]
+        assert float(version.tags["valid_recall"]) == pytest.approx(recalls[r])
+        assert version.run_id == summary["mlflow"]["round_run_ids"][r]
+    best = 1 if recalls[1] > recalls[0] else 0  # a tie keeps the first champion
+    # the promotions as this run made them (later tests of this module register more versions)
+    registered = summary["registered"]
+    assert [r["version"] for r in registered] == [versions[0].version, versions[1].version]
+    assert registered[0]["promotion"]["promoted"]  # the store's first version
+    assert registered[1]["promotion"]["promoted"] == (best == 1)
+    assert registered[1]["promotion"]["champion"] == versions[best].version
+    assert "models:/tdm/champion" in closing_text(summary, str(root))
