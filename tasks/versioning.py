@@ -13,7 +13,6 @@ the flow's process, no dependence on ``PATH``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from tdm.config import Config, load_config
+from tdm.io import file_digest
 
 LOCK_FILE = "dvc.lock"
 
@@ -65,11 +65,7 @@ def run_dvc(root: str | Path, *args: str, timeout: float = 600) -> str:
 
 def file_md5(path: str | Path) -> str:
     """The md5 of a file's bytes: what DVC 3 records for a file output."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def locked_outs(root: str | Path) -> dict[str, str]:

@@ -15,24 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tiny import TINY_DATA
 
 from tdm.config import Config, ModelConfig, config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-# A tiny synthetic corpus (tests/tiny.py's sizes).
-TINY = [
-    "data.source=synthetic",
-    "synthetic.n_users=300",
-    "synthetic.n_items=200",
-    "synthetic.n_categories=12",
-    "synthetic.behaviors_per_user=25",
-    "data.n_test_users=40",
-    "data.n_valid_users=30",
-    "data.max_history=15",
-    "train.num_threads=1",
-]
+TINY = [*TINY_DATA, "train.num_threads=1"]  # the tiny corpus of tests/tiny.py
 
 
 def tiny_config(*extra: str) -> Config:

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny import TINY_DATA
 
 from tdm import distributed
 from tdm.io import verify_manifest
@@ -22,14 +23,7 @@ from tdm.io import verify_manifest
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = [
-    "data.source=synthetic",
-    "synthetic.n_users=300",
-    "synthetic.n_items=200",
-    "synthetic.n_categories=12",
-    "synthetic.behaviors_per_user=25",
-    "data.n_test_users=40",
-    "data.n_valid_users=30",
-    "data.max_history=15",
+    *TINY_DATA,
     "train.batch_size=128",
     "train.progress=false",
     "train.optimizer=sparse_adam",

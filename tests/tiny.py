@@ -1,6 +1,7 @@
 """Overrides that shrink the pipeline to a few seconds, shared by the orchestration tests."""
 
-TINY = [
+# A tiny synthetic corpus and protocol: 300 users, 200 items.
+TINY_DATA = [
     "data.source=synthetic",
     "synthetic.n_users=300",
     "synthetic.n_items=200",
@@ -9,6 +10,10 @@ TINY = [
     "data.n_test_users=40",
     "data.n_valid_users=30",
     "data.max_history=15",
+]
+
+TINY = [
+    *TINY_DATA,
     "train.epochs=1",
     "train.batch_size=128",
     "train.progress=false",

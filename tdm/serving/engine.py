@@ -14,7 +14,6 @@ with different ``k`` cannot share a search); each request's answer equals
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from tdm.errors import TdmError
+from tdm.io import file_digest
 from tdm.recommender import History, Recommender, RequestError
 from tdm.serving.catalog import Catalog, default_titles, load_catalog
 from tdm.serving.store import BehaviorStore
@@ -88,11 +88,7 @@ class Answer:
 
 def file_md5(path: str | Path) -> str:
     """md5 of a file's bytes (what DVC and the MLflow run's ``tree.md5`` tag record)."""
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "md5")
 
 
 def version_label(info: dict[str, Any], digest: str) -> str:
