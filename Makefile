@@ -107,12 +107,15 @@ test-all: $(STAMP)
 # preparation on the CPU (2 threads), ~15 minutes at these sizes; results in benchmarks/results/.
 # bench-full: the issue's full sizes (4M-item trees, 4M leaves, 100M rows: needs ~11 GiB free).
 # bench-gpu: correctness on CUDA and benchmarks 2-3 on the GPU in one call (benchmarks/gpu.sh).
-.PHONY: bench bench-full bench-gpu
+# bench-corpus: the UserBehavior-sized end-to-end run (100M rows, 4M items; ~30 min, <= 16 GiB).
+# bench-serving: the load test of `tdm serve` at 1M items (~10 min, loads both cores).
+.PHONY: bench bench-full bench-gpu bench-corpus bench-serving
 
 bench: $(STAMP)
 	$(PY) benchmarks/tree_build.py
 	$(PY) benchmarks/beam_search.py
 	$(PY) benchmarks/training.py
+	$(PY) benchmarks/step_scaling.py
 	$(PY) benchmarks/prepare_large.py
 
 bench-full: $(STAMP)
@@ -123,6 +126,12 @@ bench-full: $(STAMP)
 
 bench-gpu:
 	benchmarks/gpu.sh
+
+bench-corpus: $(STAMP)
+	$(PY) benchmarks/corpus_scale.py
+
+bench-serving: $(STAMP)
+	$(PY) benchmarks/serving.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check tdm tasks flows tests benchmarks

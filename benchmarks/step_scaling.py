@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     batches = {n: make_batches(trees[n], args, rng, args.device) for n in sizes}
     header = (
-        f"{'model':<14}{'optimizer':<12}{'items':>10}{'step ms':>9}{'p10-p90 ms':>13}"
+        f"{'model':<14}{'optimizer':<12}{'items':>10}{'step ms':>9}{'p10-p90 ms':>15}"
         f"{'x smallest':>11}{'rows touched':>13}{'table MiB':>10}{'opt state MiB':>14}"
     )
     print(header)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(row)
                 print(
                     f"{name:<14}{kind:<12}{n:>10,}{row['step_ms_median']:>9.1f}"
-                    f"{row['step_ms_p10']:>6.1f}-{row['step_ms_p90']:<6.1f}"
+                    f"{row['step_ms_p10']:>8.1f}-{row['step_ms_p90']:<6.1f}"
                     f"{row['over_smallest']:>10.2f}x{touched:>13,.0f}"
                     f"{row['table_mib']:>10.0f}{row['optimizer_state_mib']:>14.0f}",
                     flush=True,
