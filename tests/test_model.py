@@ -259,6 +259,34 @@ def test_inference_mode_scoring(name):
     torch.testing.assert_close(out[:, 0], ref[:, 0])
 
 
+@pytest.mark.parametrize("name", ["dnn", "attention_dnn"])
+def test_kept_batchnorm_folds_follow_weight_changes(name):
+    """Eval scoring reuses the folded BatchNorm weights between calls, but never stale ones: an
+    in-place update (optimizer step, load_state_dict) or a replaced parameter is seen, and a
+    call that records gradients folds afresh (its gradients reach the BatchNorm)."""
+    model = randomised(name)
+    hist, windows, nodes = make_inputs()
+    with torch.no_grad():
+        first = model(hist, windows, nodes)
+        assert torch.equal(model(hist, windows, nodes), first)
+        model.head.rest[1].running_mean.add_(0.5)  # in place: the fold must change
+        moved = model(hist, windows, nodes)
+    assert not torch.allclose(moved, first)
+    fresh = randomised(name)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(hist, windows, nodes), moved)
+        model.load_state_dict(randomised(name).state_dict())  # copy_: versions move
+        other = randomised(name)(hist, windows, nodes)
+        torch.testing.assert_close(model(hist, windows, nodes), other)
+        model.head.first.weight = torch.nn.Parameter(model.head.first.weight * 2)  # replaced
+        doubled = model(hist, windows, nodes)
+    assert not torch.allclose(doubled, first)
+    model(hist, windows, nodes).sum().backward()
+    assert model.head.rest[1].weight.grad is not None  # the BatchNorm's gamma
+    assert model.head.first_norm[0].weight.grad is not None
+
+
 def test_build_model_seed_is_deterministic_and_local():
     torch.manual_seed(123)
     before = torch.rand(1)
