@@ -107,7 +107,7 @@ test-all: $(STAMP)
 # preparation on the CPU (2 threads), ~15 minutes at these sizes; results in benchmarks/results/.
 # bench-full: the issue's full sizes (4M-item trees, 4M leaves, 100M rows: needs ~11 GiB free).
 # bench-gpu: correctness on CUDA and benchmarks 2-3 on the GPU in one call (benchmarks/gpu.sh).
-# bench-corpus: the UserBehavior-sized end-to-end run (100M rows, 4M items; ~30 min, <= 16 GiB).
+# bench-corpus: the UserBehavior-sized end-to-end run (100M rows, 4M items; ~15 min, ~10 GiB).
 # bench-serving: the load test of `tdm serve` at 1M items (~10 min, loads both cores).
 .PHONY: bench bench-full bench-gpu bench-corpus bench-serving
 

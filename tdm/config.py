@@ -122,7 +122,7 @@ class TrainConfig:
     epochs: Positive = 2
     batch_size: Annotated[int, Range(2)] = 256  # BatchNorm needs two rows
     lr: Annotated[float, Range(0.0, low_open=True)] = 0.01
-    optimizer: Literal["adam", "sparse_adam"] = "adam"
+    optimizer: Literal["adam", "sparse_adam"] = "sparse_adam"
     weight_decay: Annotated[float, Range(0.0)] = 0.0
     device: str = "auto"
     amp: bool = True
