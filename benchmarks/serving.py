@@ -284,7 +284,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
-    p.add_argument("--threads", type=int, default=0, help="server torch threads (0: default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="server torch threads (serve.num_threads; default: params.yaml's; 0: torch's default)",
+    )
     p.add_argument(
         "--no-swap", dest="swap", action="store_false", help="skip the batched run with reloads"
     )
@@ -328,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(("batched+swap", max(concurrency), args.swap_every))
             for batched in dict.fromkeys(m.startswith("batched") for m, _, _ in runs):
                 sets = [f"serve.max_batch={args.max_batch if batched else 1}",
-                        f"serve.max_wait_ms={args.max_wait_ms if batched else 0}",
-                        f"serve.num_threads={args.threads}"]  # fmt: skip
+                        f"serve.max_wait_ms={args.max_wait_ms if batched else 0}"]  # fmt: skip
+                if args.threads is not None:
+                    sets.append(f"serve.num_threads={args.threads}")
                 port = free_port()
                 proc, handle = start_server(folder, store, port, sets, work / f"{name}.log")
                 try:

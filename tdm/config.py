@@ -179,7 +179,7 @@ class ServeConfig:
     max_events: Positive = 1000
     max_request_history: Positive = 1000
     reload_poll_s: Annotated[float, Range(0.0)] = 0.0
-    num_threads: Count = 0
+    num_threads: Count = 1
 
 
 @dataclass(frozen=True)
