@@ -66,7 +66,7 @@ class DataConfig:
     max_history: Positive = 69
     min_history: Count = 1
     time_windows: Positive = 10
-    window_mode: Literal["target_time", "last_behaviour", "position"] = "target_time"
+    window_mode: Literal["target_time", "last_behaviour", "position"] = "position"
     category_rule: Literal["first", "rarest"] = "first"
     seed: Count = 0
 
