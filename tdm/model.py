@@ -195,8 +195,9 @@ class _Head(nn.Module):
             return _fold_norm(linear, norm)
         inputs = (linear.weight, linear.bias, norm.weight, norm.bias)
         inputs += (norm.running_mean, norm.running_var)
-        # ids are unique while the kept entry holds the tensors themselves
-        key = (*map(id, inputs), *[t._version for t in inputs])
+        # ids are unique while the kept entry holds the tensors themselves; data_ptr sees a
+        # parameter whose storage was swapped (``module.to``, ``.double()``)
+        key = (*map(id, inputs), *[(t._version, t.data_ptr()) for t in inputs])
         kept = self._folded.get(layer)
         if kept is not None and kept[0] == key:
             return kept[2]

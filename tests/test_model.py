@@ -282,6 +282,9 @@ def test_kept_batchnorm_folds_follow_weight_changes(name):
         model.head.first.weight = torch.nn.Parameter(model.head.first.weight * 2)  # replaced
         doubled = model(hist, windows, nodes)
     assert not torch.allclose(doubled, first)
+    with torch.no_grad():
+        model.head.first.weight.data = model.head.first.weight.data / 2  # storage swapped
+        torch.testing.assert_close(model(hist, windows, nodes), first)
     model(hist, windows, nodes).sum().backward()
     assert model.head.rest[1].weight.grad is not None  # the BatchNorm's gamma
     assert model.head.first_norm[0].weight.grad is not None
