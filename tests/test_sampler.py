@@ -112,12 +112,11 @@ def test_tiny_levels_and_uneven_depths():
         assert np.all(nodes[~mask] == 0)
 
 
-def test_same_seed_same_samples_and_reseed():
-    tree = Tree.from_ordered_items(np.arange(30), arity=2)
-    counts = negatives_for_levels(tree.level_sizes, 12)
-    targets = np.arange(30)
-    a = LayerwiseSampler(tree, counts, seed=5)
-    b = LayerwiseSampler(tree, counts, seed=5)
+def assert_same_seed_same_samples(tree, counts, targets, replacement):
+    """Two samplers of one seed draw alike, also after the same ``reseed``; another reseed
+    draws otherwise. Returns the first sampler (reseeded to (1, 2))."""
+    a = LayerwiseSampler(tree, counts, seed=5, replacement=replacement)
+    b = LayerwiseSampler(tree, counts, seed=5, replacement=replacement)
     np.testing.assert_array_equal(a.sample(targets)[0], b.sample(targets)[0])
     a.reseed(1, 2)
     b.reseed(1, 2)
@@ -125,6 +124,14 @@ def test_same_seed_same_samples_and_reseed():
     np.testing.assert_array_equal(first, b.sample(targets)[0])
     b.reseed(1, 3)
     assert not np.array_equal(first, b.sample(targets)[0])
+    return a
+
+
+def test_same_seed_same_samples_and_reseed():
+    tree = Tree.from_ordered_items(np.arange(30), arity=2)
+    counts = negatives_for_levels(tree.level_sizes, 12)
+    targets = np.arange(30)
+    assert_same_seed_same_samples(tree, counts, targets, replacement=True)
     gen = LayerwiseSampler(tree, counts, seed=np.random.default_rng(0))
     assert isinstance(gen.seed, int)
 
@@ -275,14 +282,6 @@ def test_distinct_draws_are_deterministic_per_seed():
     tree = Tree.from_ordered_items(np.arange(1000), arity=2)
     counts = negatives_for_levels(tree.level_sizes, 200, "leaf_heavy")
     targets = np.random.default_rng(3).integers(0, 1000, size=500)
-    a = LayerwiseSampler(tree, counts, seed=5, replacement=False)
-    b = LayerwiseSampler(tree, counts, seed=5, replacement=False)
-    np.testing.assert_array_equal(a.sample(targets)[0], b.sample(targets)[0])
-    a.reseed(1, 2)
-    b.reseed(1, 2)
-    first = a.sample(targets)[0]
-    np.testing.assert_array_equal(first, b.sample(targets)[0])
-    b.reseed(1, 3)
-    assert not np.array_equal(first, b.sample(targets)[0])
+    a = assert_same_seed_same_samples(tree, counts, targets, replacement=False)
     other = LayerwiseSampler(tree, counts, seed=6, replacement=False)
     assert not np.array_equal(a.sample(targets)[0], other.sample(targets)[0])
