@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from tdm.config import Config, config_from_dict
-from tdm.io import write_json, write_text
+from tdm.io import MANIFEST_FILE, sha256_file, write_json, write_text
 from tdm.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ FIG4_VARIANT = "product_dnn"
 TABLE4_VARIANT = "attention_dnn"
 ROUND = "/round_"  # a TDM row is "<variant>/round_<r>" (a valid MLflow metric name part)
 EQUAL_BUDGET = "/equal_budget"  # "<variant>/equal_budget": round 1's tree, from scratch
+JTM = "/jtm"  # "<variant>/jtm": round 1 on JTM's tree instead of k-means' (tree.learner=jtm)
 
 
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -109,10 +110,10 @@ def run_seed(
     Returns:
         ``{"baselines": {name: {"params", "grid", "test", "seconds"}},
         "tdm": {variant: {"rounds": [report of round r], "seconds"}},
-        "equal_budget": {variant: {"test", "tree", "train", "seconds"}}, "seconds"}`` where a
-        test report maps filter mode -> metric -> value and "seconds" is the compute time of all
-        of them (also of the kept ones). ``equal_budget`` holds :data:`TABLE4_VARIANT` when it
-        runs two rounds or more.
+        "equal_budget": {variant: {"test", "tree", "train", "seconds"}}, "jtm": {variant: {...}},
+        "seconds"}`` where a test report maps filter mode -> metric -> value and "seconds" is
+        the compute time of all of them (also of the kept ones). ``equal_budget`` and ``jtm``
+        hold :data:`TABLE4_VARIANT` when it runs two rounds or more.
     """
     from tdm import stages
     from tdm.baselines import BASELINES, GRIDS
@@ -126,7 +127,7 @@ def run_seed(
             raise ValueError(f"unknown {kind} {unknown} (known: {', '.join(known)})")
     work = Path(work)
     stages.prepare(cfg, work / "prepared")  # the baselines' data (~0.1 s, not counted)
-    out: dict[str, Any] = {"baselines": {}, "tdm": {}, "equal_budget": {}}
+    out: dict[str, Any] = {"baselines": {}, "tdm": {}, "equal_budget": {}, "jtm": {}}
     params = dataclasses.asdict(cfg)
     for name in baselines:
         key = {
@@ -152,8 +153,6 @@ def run_seed(
         )
         if name == TABLE4_VARIANT and n_rounds >= 2:
             tree = _learnt_tree(cfg, work / name, name)
-            from tdm.io import sha256_file
-
             key = {"method": name, "kind": "equal_budget", "params": params}
             key["tree"] = sha256_file(tree)
             out["equal_budget"][name] = _kept(
@@ -163,9 +162,16 @@ def run_seed(
                     cfg, work / f"{name}_equal_budget", name, tree
                 ),
             )
+            key = {"method": name, "kind": "jtm", "params": params}
+            key["round_0"] = sha256_file(Paths(work / name).model(0) / MANIFEST_FILE)
+            out["jtm"][name] = _kept(
+                work / f"{name}_jtm" / "result.json",
+                key,
+                lambda name=name: _jtm(cfg, work / f"{name}_jtm", name, work / name),
+            )
     seconds = sum(
         res["seconds"]
-        for part in ("baselines", "tdm", "equal_budget")
+        for part in ("baselines", "tdm", "equal_budget", "jtm")
         for res in out[part].values()
     )
     out["seconds"] = round(seconds, 1)
@@ -278,29 +284,70 @@ def _equal_budget(cfg: Config, folder: Path, name: str, tree: Path) -> dict:
     same tree warm-started from round 0's model (Sec. 3.5), so it also has round 0's epochs."""
     from tdm import stages
 
-    vcfg = with_overrides(
+    t0 = time.perf_counter()
+    vcfg = _round_1_config(cfg, name, [])
+    paths = Paths(folder)
+    stages.prepare(vcfg, paths.prepared)
+    paths.tree(1).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tree, paths.tree(1))
+    report = _train_round_1(vcfg, paths, init_from=None)
+    log.info(
+        "seed %d %s, learnt tree from scratch: %s", cfg.data.seed, name, _short(report["test"])
+    )
+    return {**report, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _jtm(cfg: Config, folder: Path, name: str, variant_folder: Path) -> dict:
+    """Round 1 on JTM's tree (``tree.learner=jtm``, ``tdm.jtm``): learnt from the round-0 model
+    of ``variant_folder`` (the same model k-means' round 1 re-clusters the embeddings of) and
+    trained like the alternating round 1 (warm start from that model, ``rounds.warm_start``),
+    with the test curve, evaluated once on the test users. Paired with the variant's round 1,
+    it compares the two tree learners on one starting model."""
+    from tdm import stages
+
+    t0 = time.perf_counter()
+    vcfg = _round_1_config(cfg, name, ["tree.learner=jtm"])
+    paths, source = Paths(folder), Paths(variant_folder)
+    stages.prepare(vcfg, paths.prepared)
+    paths.tree(1).parent.mkdir(parents=True, exist_ok=True)
+    learnt = stages.relearn_tree(
+        vcfg,
+        source.embeddings(0),
+        paths.tree(1),
+        model_dir=source.model(0),
+        prepared_dir=paths.prepared,
+    )
+    init_from = source.model(0) if vcfg.rounds.warm_start else None
+    report = _train_round_1(vcfg, paths, init_from=init_from)
+    log.info("seed %d %s, JTM tree: %s", cfg.data.seed, name, _short(report["test"]))
+    relearn = {k: learnt[k] for k in ("seconds", "moved_fraction", "samples_used")}
+    return {**report, "relearn": relearn, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _round_1_config(cfg: Config, name: str, extra: list[str]) -> Config:
+    return with_overrides(
         cfg,
         [
             *VARIANTS[name],
+            *extra,
             "rounds.count=1",
             "eval.split=test",
             "eval.layerwise=false",
             "train.test_curve=true",
         ],
     )
-    paths = Paths(folder)
-    t0 = time.perf_counter()
-    stages.prepare(vcfg, paths.prepared)
-    paths.tree(1).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tree, paths.tree(1))
-    stages.train(vcfg, paths.prepared, paths.tree(1), paths.model(1), init_from=None)
-    report = stages.evaluate(vcfg, paths.prepared, paths.model(1), paths.metrics(1))
-    log.info("seed %d %s, learnt tree from scratch: %s", cfg.data.seed, name, _short(report["tdm"]))
+
+
+def _train_round_1(cfg: Config, paths: Paths, init_from: Path | None) -> dict:
+    """Train on ``paths.tree(1)`` into ``paths.model(1)`` and evaluate it on the test users."""
+    from tdm import stages
+
+    stages.train(cfg, paths.prepared, paths.tree(1), paths.model(1), init_from=init_from)
+    report = stages.evaluate(cfg, paths.prepared, paths.model(1), paths.metrics(1))
     return {
         "test": report["tdm"],
         "tree": report.get("tree"),
         "train": _train_summary(paths.model(1)),
-        "seconds": round(time.perf_counter() - t0, 1),
     }
 
 
@@ -314,11 +361,13 @@ def summarise(per_seed: dict[int, dict], filters: list[str]) -> dict:
 
     Returns:
         ``{"rows": {row: {mode: {metric: {"mean", "std", "n"}}}}, "fig4": {...} | None,
-        "equal_budget": {...} | None, "fig5": {...} | None, "truth": {...}}`` where a row is a
-        baseline name, ``"<variant>/round_<r>"`` or ``"<variant>/equal_budget"`` (round 1's tree
-        from scratch); ``equal_budget`` holds the paired differences with the category tree
-        (:func:`_equal_budget_summary`), ``fig5`` the test curves (:func:`_fig5`), ``truth``
-        the trees against the generator's taxonomy: ``{row: {grouping: {"purity", "nmi":
+        "equal_budget": {...} | None, "jtm": {...} | None, "fig5": {...} | None, "truth":
+        {...}}`` where a row is a baseline name, ``"<variant>/round_<r>"``,
+        ``"<variant>/equal_budget"`` (round 1's tree from scratch) or ``"<variant>/jtm"``
+        (round 1 on JTM's tree); ``equal_budget`` holds the paired differences with the
+        category tree (:func:`_equal_budget_summary`), ``jtm`` JTM's tree minus k-means' tree,
+        paired (:func:`_jtm_summary`), ``fig5`` the test curves (:func:`_fig5`), ``truth`` the
+        trees against the generator's taxonomy: ``{row: {grouping: {"purity", "nmi":
         {"mean", "std", "n"}, "level"}}}`` for the TDM rows whose tree has a truth report
         (``tdm.stages.tree_report``; generated data only).
     """
@@ -346,6 +395,12 @@ def summarise(per_seed: dict[int, dict], filters: list[str]) -> dict:
                 layerwise.append(v["rounds"][0]["layerwise_recall"])
         for name, eq in (res.get("equal_budget") or {}).items():
             add(f"{name}{EQUAL_BUDGET}", eq["test"])
+        for name, jtm in (res.get("jtm") or {}).items():
+            add(f"{name}{JTM}", jtm["test"])
+            for grouping, report in ((jtm.get("tree") or {}).get("truth") or {}).items():
+                for key in ("purity", "nmi", "level"):
+                    row = truth.setdefault(f"{name}{JTM}", {})
+                    row.setdefault(grouping, {}).setdefault(key, []).append(report[key])
     rows = {
         row: {
             mode: {m: _mean_std(xs) for m, xs in metrics.items()} for mode, metrics in modes.items()
@@ -356,6 +411,7 @@ def summarise(per_seed: dict[int, dict], filters: list[str]) -> dict:
         "rows": rows,
         "fig4": _fig4(layerwise),
         "equal_budget": _equal_budget_summary(per_seed, filters),
+        "jtm": _jtm_summary(per_seed, filters),
         "fig5": _fig5(per_seed),
         "truth": {
             row: {
@@ -420,17 +476,64 @@ def _equal_budget_summary(per_seed: dict[int, dict], filters: list[str]) -> dict
     return {"variant": name, "n": len(runs), "paired": paired, "epochs": epochs}
 
 
+def _jtm_summary(per_seed: dict[int, dict], filters: list[str]) -> dict | None:
+    """JTM against k-means relearning, paired over the seeds that ran both: round 1 on JTM's
+    tree (``<variant>/jtm``) minus round 1 on k-means' tree, both warm-started from the same
+    round-0 model: per filter mode the precision and recall, and per true grouping (generated
+    data) the tree's purity and NMI.
+
+    Returns:
+        None without a JTM run, else ``{"variant", "n", "paired": {mode: {metric: {"mean",
+        "std", "ahead" (seeds where JTM is higher), "n"}}}, "truth": {grouping: {"purity",
+        "nmi": {...}}}, "relearn_seconds": {"jtm", ...}}``.
+    """
+    name = TABLE4_VARIANT
+    runs = []
+    for res in per_seed.values():
+        jtm = (res.get("jtm") or {}).get(name)
+        rounds = (res.get("tdm") or {}).get(name, {}).get("rounds", [])
+        if jtm is not None and len(rounds) >= 2:
+            runs.append((jtm, rounds[1]))
+    if not runs:
+        return None
+
+    def paired(diffs: list[float]) -> dict:
+        return {**_mean_std(diffs), "ahead": int(sum(d > 0 for d in diffs))}
+
+    out: dict[str, Any] = {"variant": name, "n": len(runs), "paired": {}, "truth": {}}
+    for mode in filters:
+        out["paired"][mode] = {
+            m: paired([j["test"][mode][m] - k["test"][mode][m] for j, k in runs])
+            for m in ("precision", "recall")
+        }
+    for grouping in ("category", "department"):
+        pairs = [
+            ((j.get("tree") or {}).get("truth") or {}, (k.get("tree") or {}).get("truth") or {})
+            for j, k in runs
+        ]
+        if all(grouping in jt and grouping in kt for jt, kt in pairs):
+            out["truth"][grouping] = {
+                f: paired([jt[grouping][f] - kt[grouping][f] for jt, kt in pairs])
+                for f in ("purity", "nmi")
+            }
+    seconds = [j["relearn"]["seconds"] for j, _ in runs if "relearn" in j]
+    out["relearn_seconds"] = _mean_std(seconds) if seconds else None
+    return out
+
+
 FIG5_CURVES = {  # label -> where a seed's test curve is
     "category tree": ("round", 0),
     "learnt tree, from scratch": ("equal_budget", None),
     "learnt tree, warm start (round 1)": ("round", 1),
+    "JTM tree, warm start": ("jtm", None),
 }
 
 
 def _fig5(per_seed: dict[int, dict]) -> dict | None:
     """Fig. 5's data: per epoch, mean and std over the seeds of the test loss and Recall@M of
     :data:`TABLE4_VARIANT` on the category tree (round 0), on the learnt tree from scratch
-    (equal budget) and warm-started (round 1), each epoch over the seeds that ran it.
+    (equal budget) and warm-started (round 1), and on JTM's tree (warm-started), each epoch over
+    the seeds that ran it.
 
     Returns:
         None without test curves, else ``{"k", "curves": {label: {"epoch", "loss", "loss_std",
@@ -443,7 +546,7 @@ def _fig5(per_seed: dict[int, dict]) -> dict | None:
             if where == "round":
                 run = rounds[r] if r < len(rounds) else {}
             else:
-                run = (res.get("equal_budget") or {}).get(TABLE4_VARIANT) or {}
+                run = (res.get(where) or {}).get(TABLE4_VARIANT) or {}
             curve = (run.get("train") or {}).get("test_curve")
             if curve and curve.get("epoch"):
                 found[label].append(curve)
@@ -489,9 +592,10 @@ def _fig4(layerwise: list[dict]) -> dict | None:
 
 
 def _row_label(row: str) -> str:
-    if row.endswith(EQUAL_BUDGET):
-        name = row[: -len(EQUAL_BUDGET)]
-        return f"{VARIANT_LABELS.get(name, name)} (learnt tree, from scratch)"
+    for suffix, tree in ((EQUAL_BUDGET, "learnt tree, from scratch"), (JTM, "JTM tree")):
+        if row.endswith(suffix):
+            name = row[: -len(suffix)]
+            return f"{VARIANT_LABELS.get(name, name)} ({tree})"
     if ROUND not in row:
         return BASELINE_LABELS.get(row, row)
     name, r = row.split(ROUND)
@@ -540,7 +644,9 @@ def render(result: dict) -> str:
         lines += ["## Table 3: interacted categories filtered", ""]
         lines += _table(rows, ["categories"], METRICS, order) + [""]
     attention = sorted(r for r in rows if r.startswith(f"{TABLE4_VARIANT}{ROUND}"))
-    attention += [r for r in rows if r == f"{TABLE4_VARIANT}{EQUAL_BUDGET}"]
+    attention += [
+        r for r in (f"{TABLE4_VARIANT}{EQUAL_BUDGET}", f"{TABLE4_VARIANT}{JTM}") if r in rows
+    ]
     if attention:
         lines += ["## Table 4: TDM attention-DNN per tree (round)", ""]
         lines += _table(rows, two or filters[:1], ("precision", "recall", "f_measure"), attention)
@@ -548,9 +654,12 @@ def render(result: dict) -> str:
         equal = result["summary"].get("equal_budget")
         if equal:
             lines += _equal_budget_lines(equal, two or filters[:1]) + [""]
+        jtm = result["summary"].get("jtm")
+        if jtm:
+            lines += _jtm_lines(jtm, filters) + [""]
     truth = result["summary"].get("truth")
     if truth:
-        lines += _truth_lines(truth, [r for r in tdm_rows if r in truth]) + [""]
+        lines += _truth_lines(truth, [r for r in [*tdm_rows, *attention] if r in truth]) + [""]
     fig4 = result["summary"].get("fig4")
     if fig4:
         lines += [
@@ -615,6 +724,36 @@ def _equal_budget_lines(equal: dict, modes: list[str]) -> list[str]:
             for m in ("precision", "recall")
         ]
         lines.append(f"| {label} | {epochs} vs {category} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _jtm_lines(jtm: dict, modes: list[str]) -> list[str]:
+    """JTM's tree minus k-means' tree (round 1, same round-0 model), paired over the seeds."""
+    lines = [
+        "## JTM vs k-means relearning: round 1 on JTM's tree minus round 1 on k-means' tree",
+        "",
+        f"Points (purity and NMI: their own units), mean ± std over {jtm['n']} seeds (seeds "
+        "where JTM is ahead). Both trees are learnt from the same round-0 model (k-means from "
+        "its item embeddings, JTM from its likelihood of every item's training targets) and "
+        "trained the same way (warm start from that model).",
+        "",
+    ]
+    head = ["metric", *modes]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in ("precision", "recall"):
+        cells = [_signed(jtm["paired"][mode][m]) for mode in modes]
+        lines.append(f"| {m[0].upper()}{m[1:]}@M | " + " | ".join(cells) + " |")
+    if jtm["truth"]:
+        lines += ["", "| true grouping | tree purity | tree NMI |", "|---|---|---|"]
+        for grouping, stats in jtm["truth"].items():
+            cells = [
+                f"{s['mean']:+.3f} ± {s['std']:.3f} ({s['ahead']}/{s['n']})"
+                for s in (stats["purity"], stats["nmi"])
+            ]
+            lines.append(f"| {grouping} | " + " | ".join(cells) + " |")
+    seconds = jtm.get("relearn_seconds")
+    if seconds:
+        lines += ["", f"JTM's tree learning took {seconds['mean']:.1f} s per seed (mean)."]
     return lines
 
 

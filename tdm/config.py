@@ -145,7 +145,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RetrievalConfig:
     beam_size: Positive = 10
-    filter_beam: Count = 0
+    filter_beam: Count = 20
     ranking: Literal["node", "path"] = "node"
     batch_size: Positive = 256
     max_k: Positive = 1000

@@ -382,7 +382,9 @@ def beam_search(
     (line 3); the top k of the remaining inner nodes (line 5) are expanded into the next Q
     (line 6), until Q is empty (line 7); the top k of A are returned (line 8). Leaves may sit at
     any depth and a level may have fewer than k nodes. Scoring cost per user is at most
-    k * max_arity nodes per level.
+    k * max_arity nodes per level; a level whose Q holds at most k nodes, none of them a leaf,
+    is not scored at all (line 5 keeps every one of them), unless ``ranking="path"`` or
+    ``return_levels`` needs its scores.
 
     Args:
         model: scorer with ``user_state(hist, windows)`` and ``score(state, node_rows)``.
@@ -474,11 +476,14 @@ def _beam_batch(
         if queue.shape[1] == 0 or not bool(valid.any()):  # line 7: Q is empty
             break
         safe = queue.clamp(min=0)  # (B, C)
-        logits = _score(model, state, tt.rows[safe], calls)  # (B, C) line 4
-        scored += valid.sum(dim=1)
+        leaf = valid & tt.is_leaf[safe]  # (B, C)
+        if path or want_levels or queue.shape[1] > k or bool(leaf.any()):
+            logits = _score(model, state, tt.rows[safe], calls)  # (B, C) line 4
+            scored += valid.sum(dim=1)
+        else:  # Q holds at most k inner nodes: line 5 keeps them all whatever their scores
+            logits = torch.zeros(queue.shape, device=device)
         rank = base + F.logsigmoid(logits) if path else logits  # (B, C) Sec. 5.4 for "path"
         rank = rank.masked_fill(~valid, -float("inf"))
-        leaf = valid & tt.is_leaf[safe]  # (B, C)
         if want_levels and tt.depth > 0:
             level_top.append(_topk_pad(rank, queue, k)[0])  # (B, k)
         # line 3: leaves of Q go to A; only the best k of a level can reach the final top k

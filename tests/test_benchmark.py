@@ -52,6 +52,7 @@ def test_every_method_and_round_is_averaged_over_the_seeds(report):
         "attention_dnn/round_1",
         "attention_dnn/round_2",
         "attention_dnn/equal_budget",
+        "attention_dnn/jtm",
         "product_dnn/round_0",
         "product_dnn/round_1",
     }
@@ -76,12 +77,13 @@ def test_every_method_and_round_is_averaged_over_the_seeds(report):
 
 
 def md_table(text: str, title: str) -> dict[str, dict[str, str]]:
-    """The markdown table under the ``## <title>...`` heading as {first cell: {column: cell}}."""
+    """The first markdown table under the ``## <title>...`` heading as {first cell: {column:
+    cell}}."""
     lines = text.split("\n")
     start = next(i for i, line in enumerate(lines) if line.startswith(f"## {title}"))
     cells = []
     for line in lines[start + 1 :]:
-        if line.startswith("## "):
+        if line.startswith("## ") or (cells and not line.startswith("|")):
             break
         if line.startswith("|") and not line.startswith("|---"):
             cells.append([c.strip() for c in line.strip().strip("|").split("|")])
@@ -143,7 +145,11 @@ def test_tables_and_figure_are_written(report):
     assert all(len(cols) == 4 for cols in table3.values())
     table4 = md_table(tables, "Table 4")
     from_scratch = "TDM attention-DNN (learnt tree, from scratch)"
-    assert list(table4) == [label for label in labels if "attention-DNN" in label] + [from_scratch]
+    jtm = "TDM attention-DNN (JTM tree)"
+    assert list(table4) == [label for label in labels if "attention-DNN" in label] + [
+        from_scratch,
+        jtm,
+    ]
     stat = rows["attention_dnn/equal_budget"]["none"]["recall"]
     assert table4[from_scratch]["Recall (none)"] == pct(stat["mean"], stat["std"])
     stat = rows["attention_dnn/round_2"]["items"]["f_measure"]
@@ -215,6 +221,41 @@ def test_equal_budget_trains_round_1_s_tree_from_scratch_with_round_0_s_settings
     )
 
 
+def test_jtm_relearns_round_0_s_model_and_is_paired_with_k_means(report):
+    work = report.parent / "work"
+    result = json.loads((report / "results.json").read_text())
+    diffs = []
+    for seed in (0, 1):
+        variant = work / f"seed_{seed}/attention_dnn"
+        by_out = {t["out"]: t for t in TRAININGS}
+        kmeans = by_out[variant / "models/round_1"]
+        jtm = by_out[work / f"seed_{seed}/attention_dnn_jtm/models/round_1"]
+        assert jtm["cfg"].tree.learner == "jtm" and kmeans["cfg"].tree.learner == "kmeans"
+        assert Path(jtm["init_from"]) == Path(kmeans["init_from"]) == variant / "models/round_0"
+        assert jtm["tree"] != kmeans["tree"]  # another learner, another tree
+        for section in ("train", "model", "sampler", "retrieval", "data"):
+            assert getattr(jtm["cfg"], section) == getattr(kmeans["cfg"], section), section
+        per_seed = result["per_seed"][str(seed)]
+        run_ = per_seed["jtm"]["attention_dnn"]
+        assert run_["relearn"]["seconds"] > 0 and 0 <= run_["relearn"]["moved_fraction"] <= 1
+        assert set(run_["tree"]["truth"]) == {"category", "department"}
+        k_means = per_seed["tdm"]["attention_dnn"]["rounds"][1]
+        diffs.append(run_["test"]["items"]["recall"] - k_means["test"]["items"]["recall"])
+    stat = result["summary"]["jtm"]["paired"]["items"]["recall"]
+    assert stat["mean"] == pytest.approx(np.mean(diffs)) and stat["n"] == 2
+    assert stat["ahead"] == sum(d > 0 for d in diffs)
+    tables = (report / "tables.md").read_text()
+    table = md_table(tables, "JTM vs k-means relearning")
+    cell = f"{100 * stat['mean']:+.2f} ± {100 * stat['std']:.2f} ({stat['ahead']}/2)"
+    assert table["Recall@M"]["items"] == cell
+    assert "TDM attention-DNN (JTM tree)" in md_table(tables, "Table 4: ")
+    truth = md_table(tables, "Trees against the true taxonomy")
+    stat = result["summary"]["truth"]["attention_dnn/jtm"]["category"]["purity"]
+    assert truth["TDM attention-DNN (JTM tree)"]["category purity"].startswith(
+        f"{stat['mean']:.3f} ± "
+    )
+
+
 def test_fig5_averages_the_test_curves_over_the_seeds(report):
     result = json.loads((report / "results.json").read_text())
     assert (report / "fig5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -224,12 +265,14 @@ def test_fig5_averages_the_test_curves_over_the_seeds(report):
         "category tree",
         "learnt tree, from scratch",
         "learnt tree, warm start (round 1)",
+        "JTM tree, warm start",
     ]
     per_seed = [result["per_seed"][s] for s in ("0", "1")]
     where = {
         "category tree": lambda p: p["tdm"]["attention_dnn"]["rounds"][0],
         "learnt tree, from scratch": lambda p: p["equal_budget"]["attention_dnn"],
         "learnt tree, warm start (round 1)": lambda p: p["tdm"]["attention_dnn"]["rounds"][1],
+        "JTM tree, warm start": lambda p: p["jtm"]["attention_dnn"],
     }
     for label, get in where.items():
         curves = [get(p)["train"]["test_curve"] for p in per_seed]
@@ -248,9 +291,11 @@ def test_fig5_averages_the_test_curves_over_the_seeds(report):
 def test_every_tree_is_measured_against_the_generator_s_taxonomy(report):
     result = json.loads((report / "results.json").read_text())
     truth = result["summary"]["truth"]
-    assert set(truth) == {r for r in result["summary"]["rows"] if "/round_" in r}
+    rounds = {r for r in result["summary"]["rows"] if "/round_" in r}
+    assert set(truth) == rounds | {"attention_dnn/jtm"}
     per_seed = [result["per_seed"][s] for s in ("0", "1")]
-    for row, stats in truth.items():
+    for row in rounds:
+        stats = truth[row]
         name, r = row.split("/round_")
         for grouping in ("category", "department"):
             trees = [p["tdm"][name]["rounds"][int(r)]["tree"]["truth"][grouping] for p in per_seed]
@@ -287,6 +332,7 @@ def test_finished_methods_are_reused_only_with_the_settings_they_depend_on(repor
     monkeypatch.setattr(benchmark, "_baseline", no_baseline)
     monkeypatch.setattr(benchmark, "_variant", no_variant)
     monkeypatch.setattr(benchmark, "_equal_budget", no_equal_budget)
+    monkeypatch.setattr(benchmark, "_jtm", no_equal_budget)
     again = benchmark.run(
         cfg, "x", work, [0, 1], ["popular", "itemcf"], ["attention_dnn", "product_dnn"], rounds=3
     )

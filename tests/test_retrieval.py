@@ -154,7 +154,14 @@ def test_nodes_scored_within_paper_bound():
     values = max_heap(tree, 4, seed=0)
     *_, stats = beam_search(TableScorer(values, tree), tree, *inputs(4), k=8, with_stats=True)
     assert stats.max_nodes_scored <= 2 * 8 * tree.depth  # Sec. 3.3: at most 2k log|C|
-    assert stats.score_calls == tree.depth and stats.user_state_calls == 1
+    # levels 1-3 hold 2, 4 and 8 <= k inner nodes: all kept whatever their scores, not scored
+    assert stats.nodes_scored_per_user.tolist() == [16 * (tree.depth - 3)] * 4
+    assert stats.score_calls == tree.depth - 3 and stats.user_state_calls == 1
+    # the HS ranking needs every level's scores (a node's rank is its path's)
+    *_, stats = beam_search(
+        TableScorer(values, tree), tree, *inputs(4), k=8, ranking="path", with_stats=True
+    )
+    assert stats.score_calls == tree.depth
     *_, stats = brute_force(
         TableScorer(values, tree), tree, *inputs(4), 8, node_chunk=100, with_stats=True
     )

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tdm.config import RetrievalConfig
 from tdm.errors import TdmError
 from tdm.io import file_digest
 from tdm.recommender import History, Recommender, RequestError
@@ -144,8 +145,8 @@ class Engine:
         info: dict[str, Any] | None = None,
         *,
         model_name: str | None = None,
-        max_k: int = 1000,
-        filter_beam: int = 0,
+        max_k: int = RetrievalConfig().max_k,
+        filter_beam: int = RetrievalConfig().filter_beam,
         titles: str | Path | None = None,
         device: str | torch.device | None = None,
         warm_up: bool = True,
