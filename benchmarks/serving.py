@@ -291,6 +291,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="server torch threads (serve.num_threads; default: params.yaml's; 0: torch's default)",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="server batcher workers, batched and unbatched alike (serve.workers; default: "
+        "params.yaml's)",
+    )
+    p.add_argument(
         "--no-swap", dest="swap", action="store_false", help="skip the batched run with reloads"
     )
     p.add_argument("--swap-every", type=float, default=3.0)
@@ -336,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"serve.max_wait_ms={args.max_wait_ms if batched else 0}"]  # fmt: skip
                 if args.threads is not None:
                     sets.append(f"serve.num_threads={args.threads}")
+                if args.workers is not None:
+                    sets.append(f"serve.workers={args.workers}")
                 port = free_port()
                 proc, handle = start_server(folder, store, port, sets, work / f"{name}.log")
                 try:

@@ -156,6 +156,32 @@ def test_a_lone_client_is_not_kept_waiting():
     batcher.close()
 
 
+def test_workers_search_side_by_side_and_close_answers_what_is_queued():
+    """Two workers take batches from one queue at once (a batch in hand does not hold up the
+    next); close answers every request queued before it and stops both workers."""
+    inside, release = threading.Barrier(2, timeout=5), threading.Event()
+    threads = set()
+
+    def handle(batch):
+        threads.add(threading.current_thread().name)
+        if len(threads) <= 2 and batch[0] < 2:
+            inside.wait()  # both workers hold a batch at the same time, or this times out
+        release.wait(5)
+        return [x + 100 for x in batch]
+
+    batcher = DynamicBatcher(handle, max_batch=1, max_wait_ms=0, workers=2, name="w")
+    futures = [batcher.submit(i) for i in range(10)]
+    time.sleep(0.2)
+    release.set()
+    batcher.close()
+    assert [f.result(0) for f in futures] == [i + 100 for i in range(10)]
+    assert threads == {"w-0", "w-1"} and not batcher.alive
+    with pytest.raises(BatcherClosed):
+        batcher.submit(1)
+    with pytest.raises(ValueError, match="workers"):
+        DynamicBatcher(handle, workers=0)
+
+
 def test_a_failing_batch_fails_its_requests_and_the_worker_lives_on():
     calls = []
 
@@ -483,8 +509,9 @@ def test_metrics_text_format():
 @pytest.mark.integration
 def test_hot_swap_under_load_answers_every_request_wholly_by_one_model(corpus, tmp_path):
     """Clients keep asking while the model flips A -> B -> A -> B: no request fails, and each
-    answer is exactly what the model it is tagged with gives."""
-    service = make_service(corpus, tmp_path, "serve.max_wait_ms=2")
+    answer is exactly what the model it is tagged with gives (two batcher workers, so batches
+    on the old and the new model can be in flight at once)."""
+    service = make_service(corpus, tmp_path, "serve.max_wait_ms=2", "serve.workers=2")
     import_prepared(service.store, corpus["prepared"])
     users = [int(u) for u in load_prepared(corpus["prepared"]).test.users[:24]]
     engines = {}

@@ -88,6 +88,7 @@ class Service:
             self.settings.max_batch,
             self.settings.max_wait_ms,
             on_batch=self._on_batch,
+            workers=self.settings.workers,
         )
 
     # --------------------------------------------------------------------------- models

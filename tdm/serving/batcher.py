@@ -1,6 +1,7 @@
 """Dynamic batching: concurrent requests answered together by one batched call.
 
-A worker thread takes the first waiting request, then gathers more for at most ``max_wait_ms``
+A worker thread (or each of ``workers`` threads, sharing one queue) takes the first waiting
+request, then gathers more for at most ``max_wait_ms``
 or until ``max_batch`` are in hand (whatever is already queued when the wait ends joins too, up
 to ``max_batch``), and hands the batch to ``handle`` in one call. Beam search over a batch of
 users costs little more than over one (``user_state`` and each level's ``score`` run once per
@@ -9,7 +10,9 @@ request at a time (no batching).
 
 A lone client is not kept waiting: the worker waits for company only after a batch that had
 company (its previous batch held more than one request); otherwise it takes what is queued and
-goes. Under load batches stay full; a single client sees no added latency.
+goes. Under load batches stay full; a single client sees no added latency. Several workers
+search side by side (torch releases the GIL inside its operations), one batch each: on a
+machine with more cores than the torch threads of one search, they add throughput.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class BatcherClosed(RuntimeError):
 
 
 class DynamicBatcher(Generic[Request, Answer]):
-    """Gather requests into batches for ``handle`` on one worker thread.
+    """Gather requests into batches for ``handle`` on ``workers`` worker threads.
 
     Args:
         handle: ``handle(requests) -> answers``, one answer per request in order; an answer
@@ -45,7 +48,9 @@ class DynamicBatcher(Generic[Request, Answer]):
         max_batch: requests per call at most (1: no batching).
         max_wait_ms: how long the first request of a batch waits for others.
         on_batch: ``on_batch(size, seconds)`` after each call (metrics).
-        name: the worker thread's name.
+        name: the worker threads' name.
+        workers: threads taking batches from the one queue (``handle`` must be safe to call
+            from several at once).
     """
 
     def __init__(
@@ -55,7 +60,10 @@ class DynamicBatcher(Generic[Request, Answer]):
         max_wait_ms: float = 2.0,
         on_batch: Callable[[int, float], None] | None = None,
         name: str = "tdm-batcher",
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_ms < 0:
@@ -66,13 +74,16 @@ class DynamicBatcher(Generic[Request, Answer]):
         self.on_batch = on_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
-        self._last_size = 0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closed
+        return all(t.is_alive() for t in self._threads) and not self._closed
 
     def submit(self, request: Request) -> Future:
         """Queue ``request``; the future holds its answer."""
@@ -87,16 +98,26 @@ class DynamicBatcher(Generic[Request, Answer]):
         return await asyncio.wrap_future(self.submit(request))
 
     def close(self, timeout: float = 10.0) -> None:
-        """Answer what is queued, then stop the worker."""
+        """Answer what is queued, then stop the workers."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
+        for _ in self._threads:
+            self._queue.put(_STOP)  # one stop mark per worker, behind every queued request
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        while True:  # fail whatever arrived after the stop marks
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP and item[1].set_running_or_notify_cancel():
+                item[1].set_exception(BatcherClosed("the batcher is closed"))
 
-    def _gather(self, first: Any) -> tuple[list[Any], bool]:
+    def _gather(self, first: Any, last_size: int) -> tuple[list[Any], bool]:
         batch, stop = [first], False
-        deadline = time.monotonic() + (self.max_wait if self._last_size > 1 else 0.0)
+        deadline = time.monotonic() + (self.max_wait if last_size > 1 else 0.0)
         while len(batch) < self.max_batch:
             remaining = deadline - time.monotonic()
             try:
@@ -114,13 +135,13 @@ class DynamicBatcher(Generic[Request, Answer]):
         return batch, stop
 
     def _run(self) -> None:
-        stop = False
+        stop, last_size = False, 0
         while not stop:
             first = self._queue.get()
             if first is _STOP:
                 break
-            batch, stop = self._gather(first)
-            self._last_size = len(batch)
+            batch, stop = self._gather(first, last_size)
+            last_size = len(batch)
             live = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
             if not live:
                 continue
@@ -142,10 +163,3 @@ class DynamicBatcher(Generic[Request, Answer]):
                     future.set_exception(answer)
                 else:
                     future.set_result(answer)
-        while True:  # closed: fail whatever arrived after the stop mark
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP and item[1].set_running_or_notify_cancel():
-                item[1].set_exception(BatcherClosed("the batcher is closed"))
