@@ -659,7 +659,8 @@ def render(result: dict) -> str:
             lines += _jtm_lines(jtm, filters) + [""]
     truth = result["summary"].get("truth")
     if truth:
-        lines += _truth_lines(truth, [r for r in [*tdm_rows, *attention] if r in truth]) + [""]
+        rows_with_truth = [r for r in dict.fromkeys([*tdm_rows, *attention]) if r in truth]
+        lines += _truth_lines(truth, rows_with_truth) + [""]
     fig4 = result["summary"].get("fig4")
     if fig4:
         lines += [

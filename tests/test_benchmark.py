@@ -250,6 +250,9 @@ def test_jtm_relearns_round_0_s_model_and_is_paired_with_k_means(report):
     assert table["Recall@M"]["items"] == cell
     assert "TDM attention-DNN (JTM tree)" in md_table(tables, "Table 4: ")
     truth = md_table(tables, "Trees against the true taxonomy")
+    labels = [line.split("|")[1].strip() for line in tables.split("## Trees against")[1]
+              .split("\n## ")[0].splitlines() if line.startswith("| TDM")]  # fmt: skip
+    assert len(labels) == len(set(labels)) == len(result["summary"]["truth"])  # each tree once
     stat = result["summary"]["truth"]["attention_dnn/jtm"]["category"]["purity"]
     assert truth["TDM attention-DNN (JTM tree)"]["category purity"].startswith(
         f"{stat['mean']:.3f} ± "
