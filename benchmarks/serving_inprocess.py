@@ -7,9 +7,14 @@ attention-DNN of the paper's sizes, 69 behaviours of ``--users`` stored users), 
 ``Engine.answer`` answers ``--answers`` single-user queries (k = 10) one by one after a warm-up,
 the settings taking turns query by query (so that a drift of the machine's speed hits all of
 them); the median milliseconds per answer are reported (the store read included, HTTP and JSON
-not).
+not). With ``--http``, ``tdm serve`` runs beside it on the same folder and store (as
+``benchmarks/serving.py`` starts it, at the largest ``--filter-beam``) and one more setting
+takes its turn: the same query over loopback HTTP (``POST /v1/recommend {"user_id", "k": 10}``,
+which excludes the user's items; one keep-alive connection, the answer read whole), so that the
+HTTP path's share of an answer is measured under the same conditions as the search itself.
 
     python benchmarks/serving_inprocess.py --work /tmp/tdm-serving   # reuses serving.py's folders
+    python benchmarks/serving_inprocess.py --work /tmp/tdm-serving --http
 
 Prints a table and writes benchmarks/results/serving_inprocess_<hostname>.json.
 """
@@ -17,7 +22,9 @@ Prints a table and writes benchmarks/results/serving_inprocess_<hostname>.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -30,7 +37,46 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from benchmarks.common import RESULTS, machine_info, result_name, write_result  # noqa: E402
-from benchmarks.serving import HISTORY, MODELS, build_model_dir, fill_store  # noqa: E402
+from benchmarks.serving import (  # noqa: E402
+    HISTORY,
+    MODELS,
+    build_model_dir,
+    fill_store,
+    free_port,
+    start_server,
+    stop_server,
+)
+
+
+class HttpClient:
+    """One keep-alive loopback connection, blocking: ``recommend(user)`` sends ``POST
+    /v1/recommend {"user_id", "k": 10}`` and reads the whole answer (status 200 or an error)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = self.sock.makefile("rb")
+
+    def recommend(self, user: int) -> bytes:
+        body = json.dumps({"user_id": user, "k": 10}).encode()
+        head = (
+            "POST /v1/recommend HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        self.sock.sendall(head.encode() + body)
+        status = self.reader.readline()
+        length = 0
+        while (line := self.reader.readline()) not in (b"\r\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        payload = self.reader.read(length)
+        if b" 200 " not in status:
+            raise RuntimeError(f"HTTP answer {status!r}: {payload[:200]!r}")
+        return payload
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, help="model folders and store (default: temporary)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--http", action="store_true", help="also over loopback HTTP (tdm serve)")
     args = p.parse_args(argv)
 
     import torch
@@ -66,15 +113,36 @@ def main(argv: list[str] | None = None) -> int:
             for fb in [int(x) for x in args.filter_beam.split(",") if x]
         }
         configs = [(fb, mode) for fb in engines for mode in ("none", "items")]
+        server = client = None
+        if args.http:
+            top = max(engines)
+            server = start_server(
+                folder, store_path, port := free_port(), [f"retrieval.filter_beam={top}"],
+                work / f"{name}_inprocess_http.log",
+            )  # fmt: skip
+            client = HttpClient(port)
+            configs.append((top, "http"))
+
+        def answer(fb: int, mode: str, user: int, engines=engines, client=client) -> None:
+            if mode == "http":
+                client.recommend(user)
+            else:
+                engines[fb].answer([Query(k=10, mode=mode, user_id=user)], store)
+
         ms: dict[tuple[int, str], list[float]] = {c: [] for c in configs}
-        for fb, mode in configs:  # warm-up
-            engines[fb].answer([Query(k=10, mode=mode, user_id=u) for u in range(5)], store)
-        for u in range(args.answers):  # round-robin: drifts of the machine hit every config
-            for fb, mode in configs:
-                query = Query(k=10, mode=mode, user_id=u % args.users)
-                start = time.perf_counter()
-                engines[fb].answer([query], store)
-                ms[(fb, mode)].append(1000 * (time.perf_counter() - start))
+        try:
+            for fb, mode in configs:  # warm-up
+                for u in range(5):
+                    answer(fb, mode, u)
+            for u in range(args.answers):  # round-robin: drifts of the machine hit every config
+                for fb, mode in configs:
+                    start = time.perf_counter()
+                    answer(fb, mode, u % args.users)
+                    ms[(fb, mode)].append(1000 * (time.perf_counter() - start))
+        finally:
+            if server is not None:
+                client.close()
+                stop_server(*server)
         for (fb, mode), xs in ms.items():
             row = {
                 "model": name,

@@ -344,6 +344,10 @@ def complement(
     fallback_order = np.asarray(fallback_order, dtype=np.int64)
     if len(exclude_offsets) != n_users + 1:
         raise ValueError(f"exclude CSR has {len(exclude_offsets) - 1} rows, pred has {n_users}")
+    # step 2 reads at most M + (a row's excluded items) of the fallback order: the rest of a
+    # corpus-sized order is never looked at
+    longest = int(np.diff(exclude_offsets).max()) if n_users else 0
+    fallback_order = fallback_order[: M + longest]
     n = _key_base(pred, exclude_items, fallback_order)
     x_keys = _keys(csr_rows(exclude_offsets), exclude_items, n)
 

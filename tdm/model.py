@@ -50,9 +50,11 @@ window gives a zero vector.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -147,6 +149,12 @@ class _Scorer(nn.Module):
         means = torch.einsum("blw,bld->bwd", avg, emb)  # (B, W, D)
         return means.flatten(1)  # (B, W*D)
 
+    def node_embedding(self, node_rows: torch.Tensor) -> torch.Tensor:
+        """(B, N) rows -> (B, N, D) embeddings: ``self.embedding`` without a module call (one
+        per scored level; sparse gradients as the table is set)."""
+        table = self.embedding
+        return F.embedding(_rows(node_rows), table.weight, sparse=table.sparse)
+
     def user_state(self, hist: torch.Tensor, windows: torch.Tensor) -> State:
         raise NotImplementedError
 
@@ -155,7 +163,8 @@ class _Scorer(nn.Module):
         logits = self.node_score(state, node_rows)
         if self.node_bias is None:
             return logits
-        return logits + self.node_bias(_rows(node_rows)).squeeze(-1).to(logits.dtype)
+        bias = F.embedding(_rows(node_rows), self.node_bias.weight, sparse=self.node_bias.sparse)
+        return logits + bias.squeeze(-1).to(logits.dtype)
 
     def node_score(self, state: State, node_rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -185,25 +194,31 @@ class _Head(nn.Module):
         self.rest = _mlp(hidden)
         self.out = nn.Linear(hidden[-1], 1)
         self._folded: dict[int, tuple[tuple, tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._pinned: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # ``frozen``
+        self._pin_depth = 0
 
     def _fold(self, layer: int, linear: nn.Linear, norm: nn.BatchNorm1d):
         """``_fold_norm(linear, norm)``, kept while no gradient is recorded and none of its inputs
         changed (same tensors, same in-place version: an optimizer step or ``load_state_dict``
         moves the version). One user's beam search scores ~20 levels: recomputing the folds
-        at every level cost ~15% of it."""
+        at every level cost ~15% of it. Within ``frozen`` the check runs once per layer."""
         if torch.is_grad_enabled():
             return _fold_norm(linear, norm)
+        pinned = self._pinned
+        if pinned is not None and layer in pinned:
+            return pinned[layer]
         inputs = (linear.weight, linear.bias, norm.weight, norm.bias)
         inputs += (norm.running_mean, norm.running_var)
         # ids are unique while the kept entry holds the tensors themselves; data_ptr sees a
         # parameter whose storage was swapped (``module.to``, ``.double()``)
         key = (*map(id, inputs), *[(t._version, t.data_ptr()) for t in inputs])
         kept = self._folded.get(layer)
-        if kept is not None and kept[0] == key:
-            return kept[2]
-        folded = _fold_norm(linear, norm)
-        self._folded[layer] = (key, inputs, folded)
-        return folded
+        if kept is None or kept[0] != key:
+            kept = (key, inputs, _fold_norm(linear, norm))
+            self._folded[layer] = kept
+        if pinned is not None:
+            pinned[layer] = kept[2]
+        return kept[2]
 
     def first_params(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first Linear's weight (H1, n_in) and bias (H1,).
@@ -220,13 +235,37 @@ class _Head(nn.Module):
         h = h.reshape(B * N, H)  # (B*N, H1)
         if self.training:
             h = self.rest(self.first_norm(h))  # (B*N, H_last)
-        else:
-            h = self.first_norm[1](h)  # the BatchNorm is in ``first_params``
+        else:  # functional calls: a module call's overhead is felt at ~20 levels per search
+            h = F.prelu(h, self.first_norm[1].weight)  # the BatchNorm is in ``first_params``
             layers = list(self.rest)
             triples = zip(layers[0::3], layers[1::3], layers[2::3], strict=True)
             for i, (linear, norm, act) in enumerate(triples, start=1):
-                h = act(F.linear(h, *self._fold(i, linear, norm)))
-        return self.out(h).view(B, N)  # (B, N)
+                h = F.prelu(F.linear(h, *self._fold(i, linear, norm)), act.weight)
+        return F.linear(h, self.out.weight, self.out.bias).view(B, N)  # (B, N)
+
+
+_PIN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Within the block the built-in heads check once per layer that their folded BatchNorms
+    are current and then reuse them: for a caller that scores many times with weights that do
+    not change meanwhile (beam search). Blocks may nest and run on several threads."""
+    heads = [m for m in model.modules() if isinstance(m, _Head)]
+    with _PIN_LOCK:
+        for head in heads:
+            if head._pin_depth == 0:
+                head._pinned = {}
+            head._pin_depth += 1
+    try:
+        yield
+    finally:
+        with _PIN_LOCK:
+            for head in heads:
+                head._pin_depth -= 1
+                if head._pin_depth == 0:
+                    head._pinned = None
 
 
 def _fold_norm(linear: nn.Linear, norm: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +282,11 @@ def _chunk_users(device: torch.device, per_user: int) -> int:
     """Users per chunk of the activation unit: cache-sized on CPU, large on GPUs."""
     budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else CUDA_CHUNK_ELEMENTS
     return max(1, budget // max(per_user, 1))
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call when it is a no-op (scoring runs ~20 times a search)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -412,6 +456,9 @@ class AttentionState(NamedTuple):
             autograd (retrieval), None in training.
         linear: (B, D+1, L) ``unit @ (a w)``, the share of PReLU and output layer that is linear
             in the node; None exactly when ``unit`` is.
+        w_pos: (B, H) ``(1 - a) w``, the ReLU share of PReLU and output layer (the same row for
+            every user: an expanded view, so that it is computed once per search, not per
+            level); None exactly when ``unit`` is.
     """
 
     emb: torch.Tensor
@@ -419,6 +466,7 @@ class AttentionState(NamedTuple):
     spread: torch.Tensor
     unit: torch.Tensor | None = None
     linear: torch.Tensor | None = None
+    w_pos: torch.Tensor | None = None
 
 
 class AttentionDNN(_Scorer):
@@ -443,7 +491,8 @@ class AttentionDNN(_Scorer):
     pre-activation of every (behaviour, node) pair in one batched matmul. It is built once per
     user instead of at every ``score`` call ((D+1)*L*H floats per user: 248 KB at L = 69), and
     ``linear = unit @ (a w)`` (B, D+1, L), the share of PReLU (slope ``a``) and output layer ``w``
-    that is linear in the node (see ``_activation_inference``).
+    that is linear in the node, and ``w_pos = (1 - a) w``, the ReLU share (see
+    ``_activation_inference``).
     Training builds the pair weights chunk by chunk and recomputes them in backward instead.
     """
 
@@ -469,32 +518,32 @@ class AttentionDNN(_Scorer):
         A2, A3 = A[:, D : 2 * D], A[:, 2 * D : 3 * D]
         node_weights = (A2 - A4).t().repeat(1, L)  # (D, L*H): column l*H + h is (A2-A4)[h]
         unit = torch.cat([pair_weights_of(emb, A3) + node_weights, user_part.view(B, 1, -1)], 1)
-        w_neg = self.attention_out.weight.view(-1) * self.attention_act.weight  # (H,)
-        linear = unit.view(B, D + 1, L, -1) @ w_neg  # (B, D+1, L)
-        return AttentionState(emb, user_part, spread, unit, linear)
+        out_weight, slope = self.attention_out.weight.view(-1), self.attention_act.weight
+        linear = unit.view(B, D + 1, L, -1) @ (out_weight * slope)  # (B, D+1, L)
+        w_pos = (out_weight * (1 - slope)).expand(B, -1)  # (B, H)
+        return AttentionState(emb, user_part, spread, unit, linear, w_pos)
 
     def node_score(self, state: AttentionState, node_rows: torch.Tensor) -> torch.Tensor:
-        emb, user_part, spread, unit, linear = state
+        emb, user_part, spread, unit, linear, w_pos = state
         D = self.dim
         B, N = node_rows.shape
         L, H = user_part.shape[1], user_part.shape[2]
-        node = self.embedding(_rows(node_rows))  # (B, N, D)
+        node = self.node_embedding(node_rows)  # (B, N, D)
         dtype = _compute_dtype(node)
-        slope = self.attention_act.weight.to(dtype)
-        out_weight = self.attention_out.weight.view(-1).to(dtype)
-        out_bias = self.attention_out.bias.to(dtype)
+        out_bias = _cast(self.attention_out.bias, dtype)
         chunk = _chunk_users(node.device, N * L * H)
         if unit is not None:  # retrieval: the unit's first layer is in the state
-            ones = node.new_ones(B, N, 1)
             weight = _activation_inference(
-                torch.cat([node, ones], -1).to(dtype),
-                unit.to(dtype),
-                linear.to(dtype),
-                out_weight * (1 - slope),
+                _cast(torch.cat([node, node.new_ones(B, N, 1)], -1), dtype),
+                _cast(unit, dtype),
+                _cast(linear, dtype),
+                _cast(w_pos[0], dtype),
                 out_bias,
                 chunk,
             )  # (B, N, L) activation weights
         else:
+            slope = self.attention_act.weight.to(dtype)
+            out_weight = self.attention_out.weight.view(-1).to(dtype)
             A = self.attention_in.weight  # (H, 4D)
             A2, A3, A4 = A[:, D : 2 * D], A[:, 2 * D : 3 * D], A[:, 3 * D :]
             node_part = node @ (A2 - A4).t()  # (B, N, H)
@@ -510,8 +559,8 @@ class AttentionDNN(_Scorer):
                 chunk,
             )  # (B, N, L) activation weights
         # Padding behaviours have zero rows in ``spread``, so their weights drop out.
-        pooled = torch.bmm(weight, spread.to(weight.dtype))  # (B, N, W*D) window averages
-        h = F.linear(torch.cat([pooled, node.to(pooled.dtype)], -1), *self.head.first_params())
+        pooled = torch.bmm(weight, _cast(spread, weight.dtype))  # (B, N, W*D) window averages
+        h = F.linear(torch.cat([pooled, _cast(node, pooled.dtype)], -1), *self.head.first_params())
         return self.head.after_first(h)  # h: (B, N, H1)
 
 
@@ -536,7 +585,7 @@ class DNN(_Scorer):
 
     def node_score(self, state: torch.Tensor, node_rows: torch.Tensor) -> torch.Tensor:
         user_hidden = state
-        node = self.embedding(_rows(node_rows))  # (B, N, D)
+        node = self.node_embedding(node_rows)  # (B, N, D)
         Wn = self.head.first_params()[0][:, -self.dim :]  # (H1, D)
         h = user_hidden.unsqueeze(1) + node @ Wn.t()  # (B, N, H1)
         return self.head.after_first(h)
@@ -571,7 +620,7 @@ class ProductDNN(_Scorer):
         return self.project(self.tower(user))  # (B, D)
 
     def node_score(self, state: torch.Tensor, node_rows: torch.Tensor) -> torch.Tensor:
-        node = self.embedding(_rows(node_rows))  # (B, N, D)
+        node = self.node_embedding(node_rows)  # (B, N, D)
         return torch.bmm(node, state.to(node.dtype).unsqueeze(-1)).squeeze(-1)  # (B, N)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tdm.model import State, select_state
+from tdm.model import State, frozen, select_state
 from tdm.tree import Tree
 
 __all__ = ["SearchStats", "TreeTensors", "beam_search", "brute_force", "tree_tensors"]
@@ -82,16 +82,22 @@ class TreeTensors:
         n_nodes: number of nodes.
         depth: deepest leaf's level (root = level 0).
         max_arity: largest number of children of a node.
-        child_start: (n_nodes,) int64 position of a node's first child in ``child_list``.
-        child_count: (n_nodes,) int64 number of children.
-        child_list: (n_children_total,) int64 node ids of the children, CSR values.
-        is_leaf: (n_nodes,) bool.
-        rows: (n_nodes,) int64 embedding row of each node (``tree.embedding_rows()``).
+        child_start: (n_nodes + 1,) int64 id of a node's first child (a ``Tree``'s children of a
+            node are contiguous node ids).
+        child_count: (n_nodes + 1,) int64 number of children.
+        is_leaf: (n_nodes + 1,) bool.
+        rows: (n_nodes + 1,) int64 embedding row of each node (``tree.embedding_rows()``).
+        (The last entry of these four is for node -1, the padding, which indexes it as a
+        negative index does: no children, not a leaf, row 0. Beam search indexes them with
+        padded node lists as they are.)
         node_item: (n_nodes,) int64 item id at leaves, -1 at inner nodes.
         item_leaf: (max_item + 1,) int64 leaf of each item id, -1 for ids not in the tree.
         leaf_nodes: (n_items,) int64 all leaves in node order.
         item_leaf_host: ``item_leaf`` as a numpy array.
         level_offsets: (depth+2,) numpy node-id range of each level.
+        level_has_leaf: (depth+1,) numpy bool, whether a level holds any leaf (beam search skips
+            the leaf bookkeeping of the levels that hold none).
+        span: (max_arity,) int64 ``0..max_arity-1`` (``children_of``).
         parent_host: (n_nodes,) numpy parent of each node, -1 at the root.
         leaves_under_host: (n_nodes,) numpy number of leaves in each node's subtree.
     """
@@ -101,7 +107,6 @@ class TreeTensors:
     max_arity: int
     child_start: torch.Tensor
     child_count: torch.Tensor
-    child_list: torch.Tensor
     is_leaf: torch.Tensor
     rows: torch.Tensor
     node_item: torch.Tensor
@@ -109,6 +114,8 @@ class TreeTensors:
     leaf_nodes: torch.Tensor
     item_leaf_host: np.ndarray
     level_offsets: np.ndarray
+    level_has_leaf: np.ndarray
+    span: torch.Tensor
     parent_host: np.ndarray
     leaves_under_host: np.ndarray
 
@@ -123,36 +130,40 @@ class TreeTensors:
         n_nodes = int(tree.n_nodes)
         child_offsets = np.asarray(tree.child_offsets, dtype=np.int64)
         count = np.diff(child_offsets)
-        # a Tree's children of a node are contiguous node ids: offsets index the node ids directly
-        child_list = np.arange(n_nodes, dtype=np.int64)
         node_item = np.asarray(tree.node_item, dtype=np.int64)
         is_leaf = count == 0
         leaf_nodes = np.flatnonzero(is_leaf)
         item_leaf = np.full(int(node_item.max()) + 1, -1, dtype=np.int64)
         item_leaf[node_item[leaf_nodes]] = leaf_nodes
+        level_offsets = np.asarray(tree.level_offsets, dtype=np.int64)
+        leaf_level = np.searchsorted(level_offsets, leaf_nodes, side="right") - 1
+        level_has_leaf = np.zeros(len(level_offsets) - 1, dtype=bool)
+        level_has_leaf[leaf_level] = True
 
         def t(a: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(np.ascontiguousarray(a), device=device)
+
+        def padded(a: np.ndarray, pad) -> torch.Tensor:  # one more entry, for node -1
+            return t(np.append(a, np.asarray(pad, dtype=a.dtype)))
 
         return cls(
             n_nodes=n_nodes,
             depth=int(tree.depth),
             max_arity=max(int(count.max()), 1),
-            child_start=t(child_offsets[:-1]),
-            child_count=t(count),
-            child_list=t(child_list),
-            is_leaf=t(is_leaf),
-            rows=t(np.asarray(tree.embedding_rows(), dtype=np.int64)),
+            child_start=padded(child_offsets[:-1], 0),
+            child_count=padded(count, 0),
+            is_leaf=padded(is_leaf, False),
+            rows=padded(np.asarray(tree.embedding_rows(), dtype=np.int64), 0),
             node_item=t(node_item),
             item_leaf=t(item_leaf),
             leaf_nodes=t(leaf_nodes.astype(np.int64)),
             item_leaf_host=item_leaf,
-            level_offsets=np.asarray(tree.level_offsets, dtype=np.int64),
+            level_offsets=level_offsets,
+            level_has_leaf=level_has_leaf,
+            span=torch.arange(max(int(count.max()), 1), device=device),
             parent_host=np.asarray(tree.parent, dtype=np.int64),
             leaves_under_host=_leaves_under(
-                np.asarray(tree.parent, dtype=np.int64),
-                is_leaf,
-                np.asarray(tree.level_offsets, dtype=np.int64),
+                np.asarray(tree.parent, dtype=np.int64), is_leaf, level_offsets
             ),
         )
 
@@ -165,15 +176,10 @@ class TreeTensors:
             (B, K * max_arity) int64 child ids, -1 padding, children of ``nodes[:, i]`` in columns
             ``i*max_arity:(i+1)*max_arity``.
         """
-        ok = nodes >= 0  # (B, K)
-        safe = nodes.clamp(min=0)
-        count = self.child_count[safe].masked_fill(~ok, 0)  # (B, K)
-        span = torch.arange(self.max_arity, device=nodes.device)  # (a,)
-        pos = self.child_start[safe].unsqueeze(-1) + span  # (B, K, a)
-        has = span < count.unsqueeze(-1)  # (B, K, a)
-        pos = pos.clamp(max=max(len(self.child_list) - 1, 0))
-        kids = self.child_list[pos].masked_fill(~has, -1)  # (B, K, a)
-        return kids.flatten(1)  # (B, K*a)
+        span = self.span  # (a,)
+        count = self.child_count[nodes].unsqueeze(-1)  # (B, K, 1); node -1: 0
+        kids = self.child_start[nodes].unsqueeze(-1) + span  # (B, K, a) contiguous child ids
+        return kids.masked_fill_(span >= count, -1).flatten(1)  # (B, K*a)
 
 
 def _leaves_under(parent: np.ndarray, is_leaf: np.ndarray, level_offsets: np.ndarray) -> np.ndarray:
@@ -210,14 +216,20 @@ def tree_tensors(tree: Tree, device: torch.device | str) -> TreeTensors:
 # ----------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def _inference(model: torch.nn.Module):
-    """Eval mode and ``torch.inference_mode`` for the block; the model's mode is restored."""
+    """Eval mode and ``torch.inference_mode`` for the block; the model's mode is restored.
+
+    A model already wholly in eval mode (a served one) is left alone: switching every module's
+    mode twice cost ~0.15 ms per search."""
+    switch = any(m.training for m in model.modules())
     was_training = model.training
-    model.eval()
+    if switch:
+        model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), frozen(model):
             yield
     finally:
-        model.train(was_training)
+        if switch:
+            model.train(was_training)
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -334,10 +346,15 @@ class _Excluder:
             full = anc[counts == tt.leaves_under_host[anc % self.n_nodes]]
             keys.append(full)
             rows, cur = full // self.n_nodes, full % self.n_nodes
-        self.keys = torch.as_tensor(np.sort(np.concatenate(keys)), device=device)
+        keys = np.sort(np.concatenate(keys))
+        self.keys = torch.as_tensor(keys, device=device)
+        node_level = np.searchsorted(tt.level_offsets, keys % self.n_nodes, side="right") - 1
+        self.levels = np.zeros(len(tt.level_offsets) - 1, dtype=bool)  # levels with excluded nodes
+        self.levels[node_level] = True
 
     def __call__(self, nodes: torch.Tensor) -> torch.Tensor:
-        """(B, C) node ids (>= 0) -> (B, C) bool, True where the node is excluded."""
+        """(B, C) node ids -> (B, C) bool, True where the node is excluded (the answer for
+        padding, -1, is meaningless)."""
         if self.keys.numel() == 0:
             return torch.zeros_like(nodes, dtype=torch.bool)
         user = torch.arange(nodes.shape[0], device=nodes.device).unsqueeze(1)  # (B, 1)
@@ -447,6 +464,28 @@ def beam_search(
     return (*out, calls.stats(scored)) if with_stats else out
 
 
+def _compact(
+    queue: torch.Tensor, base: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, bool]:
+    """Q with its padding (-1) moved behind the valid entries and trimmed to the longest row.
+
+    Returns:
+        queue (B, C'), base aligned with it (or None), valid (B, C') bool, n_valid (B,) valid
+        entries per row, and whether any row is shorter than C' (padding remains).
+    """
+    valid = queue >= 0  # (B, C)
+    n_valid = valid.sum(dim=1)  # (B,)
+    if queue.numel() == 0:
+        return queue, base, valid, n_valid, False
+    lo, hi = (int(x) for x in torch.aminmax(n_valid))
+    if hi < queue.shape[1]:  # valid entries first (stable), then trim
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :hi]
+        queue, valid = queue.gather(1, order), valid.gather(1, order)
+        if base is not None:
+            base = base.gather(1, order)
+    return queue, base, valid, n_valid, lo < hi
+
+
 def _beam_batch(
     model: torch.nn.Module,
     tt: TreeTensors,
@@ -466,54 +505,55 @@ def _beam_batch(
     root = torch.zeros(batch, 1, dtype=torch.long, device=device)  # (B, 1)
     # Algorithm 1, line 1, with the root expanded (unless it is the only node and a leaf)
     queue = root if tt.depth == 0 else tt.children_of(root)  # (B, C)
-    base = torch.zeros(queue.shape, device=device)  # (B, C) ancestors' log-probability
+    base = torch.zeros(queue.shape, device=device) if path else None  # ancestors' log-prob
+    queue, base, valid, n_valid, padded = _compact(queue, base)
     found_nodes: list[torch.Tensor] = []
     found_scores: list[torch.Tensor] = []
     level_top: list[torch.Tensor] = []
     scored = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
-    for _level in range(max(tt.depth, 1)):  # Algorithm 1, lines 2-7: levels 1..depth
-        valid = queue >= 0  # (B, C)
-        if queue.shape[1] == 0 or not bool(valid.any()):  # line 7: Q is empty
+    for level in range(1, max(tt.depth, 1) + 1):  # Algorithm 1, lines 2-7: levels 1..depth
+        if queue.shape[1] == 0:  # line 7: Q is empty
             break
-        safe = queue.clamp(min=0)  # (B, C)
-        leaf = valid & tt.is_leaf[safe]  # (B, C)
-        if path or want_levels or queue.shape[1] > k or bool(leaf.any()):
-            logits = _score(model, state, tt.rows[safe], calls)  # (B, C) line 4
-            scored += valid.sum(dim=1)
+        # Q holds nodes of one level (the root alone in a one-node tree), padded with -1 where
+        # ``padded`` (the tree tensors index -1 as a no-children, non-leaf node of row 0); most
+        # levels hold no leaf and no excluded node, and most hold no padding
+        at = min(level, tt.depth)
+        leaf = tt.is_leaf[queue] if tt.level_has_leaf[at] else None  # (B, C)
+        any_leaf = leaf is not None and bool(leaf.any())
+        if path or want_levels or queue.shape[1] > k or any_leaf:
+            logits = _score(model, state, tt.rows[queue], calls)  # (B, C) line 4
+            scored += n_valid
         else:  # Q holds at most k inner nodes: line 5 keeps them all whatever their scores
             logits = torch.zeros(queue.shape, device=device)
         rank = base + F.logsigmoid(logits) if path else logits  # (B, C) Sec. 5.4 for "path"
-        rank = rank.masked_fill(~valid, -float("inf"))
+        if padded:
+            rank = rank.masked_fill(~valid, -float("inf"))
         if want_levels and tt.depth > 0:
             level_top.append(_topk_pad(rank, queue, k)[0])  # (B, k)
+        excluded = excluder(queue) if excluder is not None and excluder.levels[at] else None
         # line 3: leaves of Q go to A; only the best k of a level can reach the final top k
-        if bool(leaf.any()):
+        if any_leaf:
             leaf_rank = rank.masked_fill(~leaf, -float("inf"))
-            if excluder is not None:
-                leaf_rank = leaf_rank.masked_fill(excluder(safe), -float("inf"))
+            if excluded is not None:
+                leaf_rank = leaf_rank.masked_fill_(excluded, -float("inf"))
             a_nodes, a_scores = _topk_pad(leaf_rank, queue, k)  # (B, k)
             found_nodes.append(a_nodes)
             found_scores.append(a_scores)
-            inner = valid & ~leaf  # (B, C)
             rank = rank.masked_fill(leaf, -float("inf"))
-        else:
-            inner = valid
-        if excluder is not None:  # a subtree with every leaf excluded has nothing to give
-            rank = rank.masked_fill(excluder(safe), -float("inf"))
-            inner = inner & ~torch.isneginf(rank)
-        # line 5: top k of the remaining (inner) nodes of Q
+        if excluded is not None:  # a subtree with every leaf excluded has nothing to give
+            rank = rank.masked_fill(excluded, -float("inf"))
+        # line 5: top k of the remaining (inner) nodes of Q; padding, leaves and excluded
+        # subtrees rank -inf and never expand
         kk = min(k, queue.shape[1])
         top_s, top_i = rank.topk(kk, dim=1)  # (B, kk)
-        top_nodes = queue.gather(1, top_i).masked_fill(~inner.gather(1, top_i), -1)  # (B, kk)
+        top_nodes = queue.gather(1, top_i)  # (B, kk)
+        if padded or any_leaf or excluded is not None:
+            top_nodes.masked_fill_(torch.isneginf(top_s), -1)
         # line 6: Q = children of the top k
         queue = tt.children_of(top_nodes)  # (B, kk*a)
-        base = top_s.repeat_interleave(tt.max_arity, dim=1)  # (B, kk*a)
-        has = queue >= 0
-        width = int(has.sum(dim=1).max()) if has.numel() else 0
-        if width < queue.shape[1]:  # drop padding: valid entries first, then trim
-            order = torch.sort((~has).to(torch.int8), dim=1, stable=True).indices
-            queue = queue.gather(1, order)[:, :width]  # (B, C')
-            base = base.gather(1, order)[:, :width]
+        if path:
+            base = top_s.repeat_interleave(tt.max_arity, dim=1)  # (B, kk*a)
+        queue, base, valid, n_valid, padded = _compact(queue, base)
     while want_levels and len(level_top) < tt.depth:
         level_top.append(torch.full((batch, k), -1, dtype=torch.long, device=device))
     # line 8: the top k of A

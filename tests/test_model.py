@@ -15,6 +15,7 @@ from tdm.model import (
     AttentionDNN,
     AttentionState,
     build_model,
+    frozen,
     resolve_model_class,
     select_state,
     window_weights,
@@ -288,6 +289,28 @@ def test_kept_batchnorm_folds_follow_weight_changes(name):
     model(hist, windows, nodes).sum().backward()
     assert model.head.rest[1].weight.grad is not None  # the BatchNorm's gamma
     assert model.head.first_norm[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["dnn", "attention_dnn"])
+def test_frozen_reuses_folds_inside_the_block_and_checks_again_after_it(name):
+    """``frozen`` (beam search) checks the folds once per block: a weight changed inside a block
+    is not seen there (the caller promised none would change), but the next block and any call
+    outside see it; nested blocks keep the pin until the outermost one ends."""
+    model = randomised(name).eval()
+    hist, windows, nodes = make_inputs()
+    with torch.no_grad():
+        first = model(hist, windows, nodes)
+        with frozen(model):
+            assert torch.equal(model(hist, windows, nodes), first)
+            model.head.rest[1].running_mean.add_(0.5)
+            with frozen(model):  # nested: still pinned
+                assert torch.equal(model(hist, windows, nodes), first)
+            assert torch.equal(model(hist, windows, nodes), first)
+        moved = model(hist, windows, nodes)  # outside: checked, so refolded
+        assert not torch.allclose(moved, first)
+        with frozen(model):
+            torch.testing.assert_close(model(hist, windows, nodes), moved)
+    assert model.head._pinned is None and model.head._pin_depth == 0
 
 
 def test_build_model_seed_is_deterministic_and_local():

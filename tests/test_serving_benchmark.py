@@ -46,13 +46,13 @@ def test_the_in_process_answer_timing_runs_small(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "serving_inprocess.py"), "--items", "2000",
          "--users", "20", "--answers", "6", "--models", "dnn", "--work", str(tmp_path / "w"),
-         "--out", str(tmp_path)],
+         "--out", str(tmp_path), "--http"],
         capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     (result,) = tmp_path.glob("serving_inprocess_*.json")
     rows = json.loads(result.read_text())["rows"]
     assert {(r["filter_beam"], r["mode"]) for r in rows} == {
-        (0, "none"), (0, "items"), (20, "none"), (20, "items")
+        (0, "none"), (0, "items"), (20, "none"), (20, "items"), (20, "http")
     }  # fmt: skip
     assert all(0 < r["median_ms"] <= r["p95_ms"] for r in rows)
