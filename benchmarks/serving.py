@@ -8,7 +8,8 @@ temporary folder. For each model and mode, ``tdm serve`` runs as its own process
 ``serve.max_batch``/``serve.max_wait_ms``; ``unbatched``: ``serve.max_batch=1``) and a client
 process keeps ``c`` connections busy (HTTP/1.1 keep-alive, one request in flight per
 connection, closed loop), for each concurrency c: ``POST /v1/recommend {"user_id", "k"}``
-with users drawn at random. Each row is bounded by ``--requests`` and ``--seconds`` after a
+with users drawn at random (the service's default filter, the user's items left out; ``--filter
+none`` asks for nothing to be left out). Each row is bounded by ``--requests`` and ``--seconds`` after a
 warm-up of 2c requests; latency is measured by the client from sending the request to reading
 the whole answer. The mean batch size comes from the server's ``/metrics``. Unless ``--no-swap``,
 one more batched run at the highest concurrency, for ``--seconds``, reloads the model (``POST
@@ -20,6 +21,7 @@ Everything runs on 127.0.0.1 and stops by itself.
     python benchmarks/serving.py                 # 1M items, DNN and attention-DNN, c 1/8/64
     python benchmarks/serving.py --smoke         # 2k items, seconds (the test suite runs it)
     python benchmarks/serving.py --items 100000 --models dnn --concurrency 1,64 --seconds 10
+    python benchmarks/serving.py --filter none --concurrency 1 --modes batched --no-swap
 
 Prints a table and writes benchmarks/results/serving_<hostname>.json.
 """
@@ -282,6 +284,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=30.0, help="per row, at most")
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("-k", type=int, default=10)
+    p.add_argument(
+        "--filter",
+        choices=("items", "none", "categories"),
+        default="items",
+        help="the requests' filter mode (items: the service's default, the user's items left "
+        "out, with the beam of retrieval.filter_beam; none: nothing left out, beam k); results "
+        "of another mode go to serving_filter-<mode>_<host>.json",
+    )
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument(
@@ -323,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="tdm-serving-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    bodies = [json.dumps({"user_id": rng.randrange(args.users), "k": args.k}).encode()
+    extra = {} if args.filter == "items" else {"filter": args.filter}  # items: the default
+    bodies = [json.dumps({"user_id": rng.randrange(args.users), "k": args.k, **extra}).encode()
               for _ in range(4096)]  # fmt: skip
     info = machine_info()
     rows, built = [], {}
@@ -378,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "summary": summary(rows),
     }
-    name = result_name("serving") if not args.smoke else result_name("serving_smoke")
+    stem = "serving" if args.filter == "items" else f"serving_filter-{args.filter}"
+    name = result_name(stem) if not args.smoke else result_name(f"{stem}_smoke")
     path = write_result(args.out, name, payload)
     print(json.dumps(payload["summary"], indent=2))
     print(f"wrote {path}")
