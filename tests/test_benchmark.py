@@ -405,3 +405,17 @@ def test_summarise_handles_a_single_seed():
     per_seed = {0: {"baselines": {"popular": {"test": test}}, "tdm": {}}}
     stat = summarise(per_seed, ["none"])["rows"]["popular"]["none"]["recall"]
     assert stat == {"mean": 0.5, "std": 0.0, "n": 1}
+
+
+def test_truth_table_names_what_the_trees_are_measured_against():
+    """Generated data: the true taxonomy (categories and departments); other data: the data's own
+    categories only, with their own heading."""
+    from tdm.benchmark import ROUND, _truth_lines
+
+    stat = {"purity": {"mean": 0.5, "std": 0.1}, "nmi": {"mean": 0.4, "std": 0.1}, "level": [5]}
+    row = f"attention_dnn{ROUND}1"
+    own = "\n".join(_truth_lines({row: {"category": stat}}, [row]))
+    assert "## Trees against the data's categories" in own and "department" not in own
+    assert "| 0.500 ± 0.100 (5) | 0.400 ± 0.100 |" in own
+    both = "\n".join(_truth_lines({row: {"category": stat, "department": stat}}, [row]))
+    assert "true taxonomy" in both and "department purity" in both

@@ -11,7 +11,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from tdm.config import Config, DataConfig, SyntheticConfig
 from tdm.data.synthetic import generate, true_taxonomy
-from tdm.stages import synthetic_truth, tree_report
+from tdm.stages import synthetic_truth, tree_report, truth_groups
 from tdm.tree import Tree
 from tdm.tree_build import category_tree, closest_level, tree_purity, truth_agreement
 
@@ -114,6 +114,18 @@ def test_synthetic_truth_only_for_the_generator_s_items():
     assert synthetic_truth(movielens, items) is None
     far = items.assign(item_id=items["item_id"] + 10 * SMALL.n_items)  # out of the id range
     assert synthetic_truth(cfg, far) is None
+
+
+def test_truth_groups_fall_back_to_the_data_s_own_categories():
+    """Without the generator's taxonomy (MovieLens, other data) a tree is measured against the
+    data's item categories alone; with it, against categories and departments."""
+    items = _items(generate(SMALL))
+    movielens = Config(data=DataConfig(source="movielens"), synthetic=SMALL)
+    truth = truth_groups(movielens, items)
+    assert set(truth) == {"category"}
+    assert np.array_equal(truth["category"], items["category_id"].to_numpy())
+    synthetic = Config(data=DataConfig(source="synthetic"), synthetic=SMALL)
+    assert set(truth_groups(synthetic, items)) == {"category", "department"}
 
 
 def test_tree_report_has_the_truth_per_grouping():
