@@ -763,29 +763,26 @@ def _truth_lines(truth: dict, order: list[str]) -> list[str]:
     """Each TDM tree against the known groupings: the generator's true categories and
     departments, or the data's own categories (``tdm.stages.truth_groups``)."""
     groupings = [g for g in ("category", "department") if any(g in truth[r] for r in order)]
+    if "department" in groupings:
+        title = "## Trees against the true taxonomy (data the synthetic generator made)"
+        tail = (
+            " (a random tree over the default data: NMI 0.14 against its 64 categories, 0.00 "
+            "against its 8 departments). The category tree is built from the data's categories "
+            "in random order, so its departments are scattered."
+        )
+    else:
+        title = "## Trees against the data's categories"
+        tail = (
+            ". The data's item categories are the only grouping known here (MovieLens: the genre "
+            "that `data.category_rule` picks); the category tree is built from them, so it shows "
+            "the most a tree keeps, and a re-learnt tree how much of them it keeps."
+        )
     how = (
         "Purity and NMI of the subtrees at the level whose node count is closest to the number "
         "of groups (level in brackets), mean ± std over the seeds. 1 is a perfect recovery; "
         "chance is above 0"
     )
-    if "department" in groupings:
-        lines = [
-            "## Trees against the true taxonomy (data the synthetic generator made)",
-            "",
-            how + " (a random tree over the default data: NMI 0.14 against its 64 categories, "
-            "0.00 against its 8 departments). The category tree is built from the data's "
-            "categories in random order, so its departments are scattered.",
-            "",
-        ]
-    else:
-        lines = [
-            "## Trees against the data's categories",
-            "",
-            how + ". The data's item categories are the only grouping known here (MovieLens: "
-            "the genre that `data.category_rule` picks); the category tree is built from them, "
-            "so it shows the most a tree keeps, and a re-learnt tree how much of them it keeps.",
-            "",
-        ]
+    lines = [title, "", how + tail, ""]
     head = ["tree"] + [f"{g} {f}" for g in groupings for f in ("purity", "NMI")]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in order:

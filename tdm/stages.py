@@ -197,10 +197,7 @@ def truth_groups(cfg: Config, items) -> dict[str, np.ndarray]:
     categories and departments for the synthetic data (``synthetic_truth``), else the data's own
     item categories (MovieLens: the genre of ``data.category_rule``), the only grouping known
     there, under the name ``category``."""
-    truth = synthetic_truth(cfg, items)
-    if truth is None:
-        truth = {"category": items["category_id"].to_numpy(dtype=np.int64)}
-    return truth
+    return synthetic_truth(cfg, items) or {"category": items["category_id"].to_numpy(np.int64)}
 
 
 def synthetic_truth(cfg: Config, items) -> dict[str, np.ndarray] | None:
@@ -648,14 +645,15 @@ def evaluate(cfg: Config, prepared_dir: Path, model_dir: Path, out_path: Path) -
     from tdm.baselines.popular import MostPopular
 
     popular = MostPopular(data.items["train_count"].to_numpy())
-    categories = data.items["category_id"].to_numpy()
     report = {
         "split": cfg.eval.split,
         "topk": cfg.eval.topk,
         "users": len(split.users),
         "tdm": tdm_metrics,
         "most_popular": evaluate_split(popular.ranker(), data, split, cfg.eval),
-        "tree": tree_report(rec.tree, categories, truth_groups(cfg, data.items)),
+        "tree": tree_report(
+            rec.tree, data.items["category_id"].to_numpy(), truth_groups(cfg, data.items)
+        ),
         "retrieval_seconds": round(seconds, 3),
     }
     if cfg.eval.layerwise:
