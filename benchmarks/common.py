@@ -17,8 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tdm.runtime import tune_allocator
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+
+# As the tdm CLI, the service and the flows do: keep freed memory in the heap (``TDM_MALLOC_TUNE=0``
+# measures glibc's defaults instead).
+ALLOCATOR_TUNED = tune_allocator()
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -35,6 +41,7 @@ def machine_info(device: str = "cpu") -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "device": device,
+        "malloc_tuned": ALLOCATOR_TUNED,
     }
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -61,6 +68,7 @@ def machine_info(device: str = "cpu") -> dict:
             "OMP_WAIT_POLICY",
             "OPENBLAS_NUM_THREADS",
             "MKL_NUM_THREADS",
+            "TDM_MALLOC_TUNE",
         )
         if key in os.environ
     }

@@ -1,20 +1,19 @@
 """Load test of ``tdm serve`` (the paper's Sec. 4): throughput and latency over loopback HTTP, with
 and without dynamic batching, and errors during hot swaps.
 
-A synthetic model folder per model (``--items`` leaves, a near-complete binary tree, seeded
-random weights of the paper's sizes: D = 24, attention 36, FC 128-64-24; 69 behaviours in 10
-time windows) and a behaviour store of ``--users`` users with full histories are written to a
-temporary folder. For each model and mode, ``tdm serve`` runs as its own process (``batched``:
+A synthetic model folder per model (``--items`` leaves, a near-complete binary tree, seeded random
+weights of the paper's sizes: D = 24, attention 36, FC 128-64-24; 69 behaviours in 10 time windows)
+and a behaviour store of ``--users`` users with full histories are written to a temporary folder.
+For each model and mode, ``tdm serve`` runs as its own process (``batched``:
 ``serve.max_batch``/``serve.max_wait_ms``; ``unbatched``: ``serve.max_batch=1``) and a client
-process keeps ``c`` connections busy (HTTP/1.1 keep-alive, one request in flight per
-connection, closed loop), for each concurrency c: ``POST /v1/recommend {"user_id", "k"}``
-with users drawn at random (the service's default filter, the user's items left out; ``--filter
-none`` asks for nothing to be left out). Each row is bounded by ``--requests`` and ``--seconds`` after a
-warm-up of 2c requests; latency is measured by the client from sending the request to reading
-the whole answer. The mean batch size comes from the server's ``/metrics``. Unless ``--no-swap``,
-one more batched run at the highest concurrency, for ``--seconds``, reloads the model (``POST
-/v1/reload`` with ``force``: loaded fully, then switched) every ``--swap-every`` seconds and
-counts failed requests.
+process keeps ``c`` connections busy (HTTP/1.1 keep-alive, one request in flight per connection,
+closed loop), for each concurrency c: ``POST /v1/recommend {"user_id", "k"}`` with users drawn at
+random (the service's default filter, the user's items left out; ``--filter none`` asks for nothing
+to be left out). Each row is bounded by ``--requests`` and ``--seconds`` after a warm-up of 2c
+requests; latency is measured by the client from sending the request to reading the whole answer.
+The mean batch size comes from the server's ``/metrics``. Unless ``--no-swap``, one more batched
+run at the highest concurrency, for ``--seconds``, reloads the model (``POST /v1/reload`` with
+``force``: loaded fully, then switched) every ``--swap-every`` seconds and counts failed requests.
 
 Everything runs on 127.0.0.1 and stops by itself.
 

@@ -94,12 +94,16 @@ def fails_readably(flow_fn: Callable[P, R]) -> Callable[P, R | State]:
     """For a flow function, under ``@flow``: bad input (``expected_errors``) ends the flow run
     in a ``Failed`` state whose message is the error's one line and whose ``result()`` raises
     the error, with no traceback logged by the flow or its tasks (``quiet_expected_failures``).
-    Other exceptions (bugs) keep Prefect's traceback."""
+    Other exceptions (bugs) keep Prefect's traceback. The flow's process gets
+    ``tdm.runtime.tune_allocator`` (its tasks run in it)."""
     from prefect.states import Failed
+
+    from tdm.runtime import tune_allocator
 
     @functools.wraps(flow_fn)  # Prefect reads the parameters through __wrapped__
     def run(*args: P.args, **kwargs: P.kwargs) -> R | State:
         quiet_expected_failures()
+        tune_allocator()
         try:
             return flow_fn(*args, **kwargs)
         except expected_errors() as exc:

@@ -191,6 +191,9 @@ def format_rounds(summary: dict, topk: int) -> str:
 
 
 def run(argv: list[str] | None = None) -> int:
+    from tdm.runtime import tune_allocator
+
+    tune_allocator()
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

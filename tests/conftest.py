@@ -18,6 +18,11 @@ import pytest
 # process down 5-20x (docs/PERFORMANCE.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# The allocator settings of the tdm CLI, service and flows (tdm/runtime.py).
+from tdm.runtime import tune_allocator  # noqa: E402
+
+tune_allocator()
+
 # One Prefect home for the whole session (profiles, the SQLite database of a server a test
 # starts), never ~/.prefect; removed when the session ends. No telemetry from any tool.
 PREFECT_HOME = tempfile.mkdtemp(prefix="tdm-prefect-home-")

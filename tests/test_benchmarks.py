@@ -126,6 +126,23 @@ def test_training_benchmark(tmp_path):
         assert row["train_samples"] == 8 * batch  # --budget 0: the 8-batch minimum epoch
 
 
+def test_allocator_benchmark_runs_each_path_with_and_without_the_settings(tmp_path):
+    run("allocator", "--rounds", "1", "--smoke", "--out", str(tmp_path))
+    report = json.loads(next(tmp_path.glob("allocator_*.json")).read_text())
+    runs = report["runs"]
+    assert len(runs["tuned"]) == len(runs["glibc"]) == 1
+    for path in ("beam", "jtm", "train"):  # each child process saw its own setting
+        assert runs["tuned"][0][f"{path} malloc_tuned"] is True
+        assert runs["glibc"][0][f"{path} malloc_tuned"] is False
+    rows = {row["metric"]: row for row in report["rows"]}
+    for model in ("dnn", "attention_dnn"):
+        assert {f"{model} 1-user p50 ms", f"{model} ms/user", f"train {model} step ms"} <= set(rows)
+    assert {"jtm attention_dnn s", "beam sys s", "jtm sys s", "train sys s"} <= set(rows)
+    for row in rows.values():
+        assert row["tuned"][0] > 0 and row["glibc"][0] > 0
+        assert row["change"] == pytest.approx(row["tuned"][0] / row["glibc"][0] - 1)
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     run("gpu_check", "--device", "cpu", "--leaves", "500", "--users", "8", "--out", str(tmp_path))

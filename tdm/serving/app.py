@@ -575,8 +575,10 @@ def serve(
     import torch
     import uvicorn
 
+    from tdm.runtime import tune_allocator
     from tdm.serving.store import SqliteStore, import_prepared
 
+    tune_allocator()
     settings = cfg.serve
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
