@@ -63,8 +63,9 @@ def test_tune_allocator_is_applied_once_per_process():
         [
             sys.executable,
             "-c",
-            "import sys; sys.path.insert(0, sys.argv[1]); from tdm import runtime;"
-            "print(runtime.tune_allocator(), runtime.tune_allocator(), runtime._applied)",
+            "import os, sys; sys.path.insert(0, sys.argv[1]); from tdm import runtime;"
+            "first = runtime.tune_allocator(); os.environ['TDM_MALLOC_TUNE'] = '0';"
+            "print(first, runtime.tune_allocator(), runtime._applied)",
             str(ROOT),
         ],
         capture_output=True,
