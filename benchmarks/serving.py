@@ -307,6 +307,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "params.yaml's)",
     )
     p.add_argument(
+        "--backend",
+        choices=("auto", "native", "torch"),
+        default=None,
+        help="the server's beam search (serve.backend; default: params.yaml's, auto: C)",
+    )
+    p.add_argument(
         "--no-swap", dest="swap", action="store_false", help="skip the batched run with reloads"
     )
     p.add_argument("--swap-every", type=float, default=3.0)
@@ -355,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                     sets.append(f"serve.num_threads={args.threads}")
                 if args.workers is not None:
                     sets.append(f"serve.workers={args.workers}")
+                if args.backend is not None:
+                    sets.append(f"serve.backend={args.backend}")
                 port = free_port()
                 proc, handle = start_server(folder, store, port, sets, work / f"{name}.log")
                 try:

@@ -2,13 +2,15 @@
 
 The model folders and store of ``benchmarks/serving.py`` (``--items`` leaves, DNN and
 attention-DNN of the paper's sizes, 69 behaviours of ``--users`` stored users), one torch thread
-(``serve.num_threads``' default). For each model, ``retrieval.filter_beam`` value and filter mode
-(``none``: nothing excluded; ``items``: the user's items excluded, the service's default),
+(``serve.num_threads``' default). For each model, beam search backend (``--backends``:
+``serve.backend``, C or torch), ``retrieval.filter_beam`` value and filter mode (``none``:
+nothing excluded; ``items``: the user's items excluded, the service's default),
 ``Engine.answer`` answers ``--answers`` single-user queries (k = 10) one by one after a warm-up,
 the settings taking turns query by query (so that a drift of the machine's speed hits all of
 them); the median milliseconds per answer are reported (the store read included, HTTP and JSON
 not). With ``--http``, ``tdm serve`` runs beside it on the same folder and store (as
-``benchmarks/serving.py`` starts it, at the largest ``--filter-beam``) and one more setting
+``benchmarks/serving.py`` starts it, at the largest ``--filter-beam`` and the first of
+``--backends``) and one more setting
 takes its turn: the same query over loopback HTTP (``POST /v1/recommend {"user_id", "k": 10}``,
 which excludes the user's items; one keep-alive connection, the answer read whole), so that the
 HTTP path's share of an answer is measured under the same conditions as the search itself.
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--answers", type=int, default=200)
     p.add_argument("--filter-beam", default="0,20", help="retrieval.filter_beam values")
+    p.add_argument("--backends", default="native,torch", help="serve.backend values")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, help="model folders and store (default: temporary)")
@@ -108,44 +111,48 @@ def main(argv: list[str] | None = None) -> int:
     for name in [m for m in args.models.split(",") if m]:
         folder = work / f"{name}_{args.items}"
         build_model_dir(folder, args.items, name, args.seed)
+        backends = [b for b in args.backends.split(",") if b]
+        beams = [int(x) for x in args.filter_beam.split(",") if x]
         engines = {
-            fb: Engine.load(folder, device="cpu", filter_beam=fb)
-            for fb in [int(x) for x in args.filter_beam.split(",") if x]
+            (be, fb): Engine.load(folder, device="cpu", filter_beam=fb, backend=be)
+            for be in backends
+            for fb in beams
         }
-        configs = [(fb, mode) for fb in engines for mode in ("none", "items")]
+        configs = [(be, fb, mode) for be, fb in engines for mode in ("none", "items")]
         server = client = None
         if args.http:
-            top = max(engines)
+            top = max(beams)
+            sets = [f"retrieval.filter_beam={top}", f"serve.backend={backends[0]}"]
             server = start_server(
-                folder, store_path, port := free_port(), [f"retrieval.filter_beam={top}"],
-                work / f"{name}_inprocess_http.log",
-            )  # fmt: skip
+                folder, store_path, port := free_port(), sets, work / f"{name}_inprocess_http.log"
+            )
             client = HttpClient(port)
-            configs.append((top, "http"))
+            configs.append((backends[0], top, "http"))
 
-        def answer(fb: int, mode: str, user: int, engines=engines, client=client) -> None:
+        def answer(be: str, fb: int, mode: str, user: int, engines=engines, client=client):
             if mode == "http":
                 client.recommend(user)
             else:
-                engines[fb].answer([Query(k=10, mode=mode, user_id=user)], store)
+                engines[(be, fb)].answer([Query(k=10, mode=mode, user_id=user)], store)
 
-        ms: dict[tuple[int, str], list[float]] = {c: [] for c in configs}
+        ms: dict[tuple[str, int, str], list[float]] = {c: [] for c in configs}
         try:
-            for fb, mode in configs:  # warm-up
+            for config in configs:  # warm-up
                 for u in range(5):
-                    answer(fb, mode, u)
+                    answer(*config, u)
             for u in range(args.answers):  # round-robin: drifts of the machine hit every config
-                for fb, mode in configs:
+                for config in configs:
                     start = time.perf_counter()
-                    answer(fb, mode, u % args.users)
-                    ms[(fb, mode)].append(1000 * (time.perf_counter() - start))
+                    answer(*config, u % args.users)
+                    ms[config].append(1000 * (time.perf_counter() - start))
         finally:
             if server is not None:
                 client.close()
                 stop_server(*server)
-        for (fb, mode), xs in ms.items():
+        for (be, fb, mode), xs in ms.items():
             row = {
                 "model": name,
+                "backend": engines[(be, fb)].info["search_backend"],
                 "filter_beam": fb,
                 "mode": mode,
                 "median_ms": round(statistics.median(xs), 2),
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             rows.append(row)
             print(
-                f"{name:14s} filter_beam {fb:3d}  {mode:5s}  "
+                f"{name:14s} {be:6s} filter_beam {fb:3d}  {mode:5s}  "
                 f"median {row['median_ms']:6.2f} ms  p95 {row['p95_ms']:6.2f} ms",
                 flush=True,
             )

@@ -181,6 +181,7 @@ class ServeConfig:
     reload_poll_s: Annotated[float, Range(0.0)] = 0.0
     num_threads: Count = 1
     workers: Annotated[int, Range(1, 64)] = 1
+    backend: Literal["auto", "native", "torch"] = "auto"
 
 
 @dataclass(frozen=True)

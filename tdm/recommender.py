@@ -54,6 +54,7 @@ class Recommender:
         max_k: the largest ``k`` a caller may ask for (``retrieval.max_k``).
         filter_beam: the beam width of a query with excluded items (``retrieval.filter_beam``,
             see ``search``); 0: k, as without exclusions.
+        backend: ``tdm.retrieval.beam_search``'s: ``"torch"``, ``"native"`` (C) or ``"auto"``.
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class Recommender:
         device: str | torch.device | None = None,
         max_k: int = RetrievalConfig().max_k,
         filter_beam: int = RetrievalConfig().filter_beam,
+        backend: str = "torch",
     ) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,6 +77,7 @@ class Recommender:
         self.meta = meta
         self.max_k = int(max_k)
         self.filter_beam = int(filter_beam)
+        self.backend = backend
         self.max_history = int(meta["max_history"])
         self.window_bounds = np.asarray(meta["window_bounds"], dtype=np.int64)
         self.window_mode = window_mode_of(meta)
@@ -92,6 +95,7 @@ class Recommender:
         model_name: str | None = None,
         max_k: int = RetrievalConfig().max_k,
         filter_beam: int = RetrievalConfig().filter_beam,
+        backend: str = "torch",
     ) -> Recommender:
         """Load a folder written by ``tdm train`` (``model.pt``, tree, items, meta), checked
         against its manifest (``tdm.checkpoint.open_model_dir``).
@@ -103,6 +107,7 @@ class Recommender:
                 model file never chooses the code it runs, ``tdm.checkpoint.load_checkpoint``).
             max_k: the largest ``k`` a caller may ask for.
             filter_beam: the beam width of a query with excluded items (``retrieval.filter_beam``).
+            backend: the beam search's (``tdm.retrieval.beam_search``).
         """
         from tdm.checkpoint import load_model_dir
         from tdm.paths import ITEMS_FILE, META_FILE
@@ -110,7 +115,7 @@ class Recommender:
         model, tree = load_model_dir(model_dir, "cpu", model_name)
         items = pd.read_parquet(Path(model_dir) / ITEMS_FILE)
         meta = json.loads((Path(model_dir) / META_FILE).read_text())
-        return cls(model, tree, items, meta, device, max_k, filter_beam)
+        return cls(model, tree, items, meta, device, max_k, filter_beam, backend)
 
     # ------------------------------------------------------------------------- id mapping
     def to_index(self, item_ids: np.ndarray) -> np.ndarray:
@@ -287,7 +292,15 @@ class Recommender:
 
         def run(h, w, k, ex):
             return beam_search(
-                self.model, self.tree, h, w, k, exclude=ex, device=self.device, **kwargs
+                self.model,
+                self.tree,
+                h,
+                w,
+                k,
+                exclude=ex,
+                device=self.device,
+                backend=self.backend,
+                **kwargs,
             )
 
         items, offsets = np.asarray(exclude[0]), np.asarray(exclude[1])

@@ -52,7 +52,8 @@ def test_the_in_process_answer_timing_runs_small(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     (result,) = tmp_path.glob("serving_inprocess_*.json")
     rows = json.loads(result.read_text())["rows"]
-    assert {(r["filter_beam"], r["mode"]) for r in rows} == {
-        (0, "none"), (0, "items"), (20, "none"), (20, "items"), (20, "http")
-    }  # fmt: skip
+    assert {(r["backend"], r["filter_beam"], r["mode"]) for r in rows} == {
+        (backend, beam, mode) for backend in ("native", "torch") for beam in (0, 20)
+        for mode in ("none", "items")
+    } | {("native", 20, "http")}  # fmt: skip
     assert all(0 < r["median_ms"] <= r["p95_ms"] for r in rows)

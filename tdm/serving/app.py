@@ -128,6 +128,7 @@ class Service:
                     filter_beam=self.cfg.retrieval.filter_beam,
                     titles=self.titles,
                     device=self.device,
+                    backend=self.cfg.serve.backend,
                 )
             except BaseException:
                 self.metrics.reloads.inc(result="failed")

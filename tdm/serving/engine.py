@@ -87,6 +87,26 @@ class Answer:
     model_version: str
 
 
+def search_backend(model: torch.nn.Module, device: torch.device, backend: str) -> str:
+    """What answers a request's beam search: ``"native"`` (C), or ``"torch"`` with the reason
+    when ``backend`` is ``"auto"`` and C cannot serve the model.
+
+    Raises:
+        ConfigError: ``backend`` is ``"native"`` and C cannot serve the model.
+    """
+    from tdm import native
+    from tdm.config import ConfigError
+
+    if backend == "torch":
+        return "torch"
+    why = native.unsupported(model, device)
+    if why is None:
+        return "native"
+    if backend == "native":
+        raise ConfigError(f"serve.backend: native: {why}")
+    return f"torch ({why})"
+
+
 def file_md5(path: str | Path) -> str:
     """md5 of a file's bytes (what DVC and the MLflow run's ``tree.md5`` tag record)."""
     return file_digest(path, "md5")
@@ -150,6 +170,7 @@ class Engine:
         titles: str | Path | None = None,
         device: str | torch.device | None = None,
         warm_up: bool = True,
+        backend: str = "auto",
     ) -> Engine:
         """Load a model folder fully (manifest-checked) and run a warm-up search.
 
@@ -164,6 +185,11 @@ class Engine:
                 model's MovieLens data when it has one.
             device: where to score; default CUDA when present.
             warm_up: run one search before returning (first calls are slower).
+            backend: the beam search's (``serve.backend``): ``"auto"`` searches in C
+                (``tdm.native``) where it applies, ``"native"`` requires it, ``"torch"``.
+
+        Raises:
+            ConfigError: ``backend`` is ``"native"`` and the C search cannot serve this model.
         """
         from tdm.io import manifest_digest
         from tdm.paths import TRAIN_LOG_FILE, TREE_FILE
@@ -171,8 +197,14 @@ class Engine:
         start = time.perf_counter()
         folder = Path(folder)
         rec = Recommender.load(
-            folder, device=device, model_name=model_name, max_k=max_k, filter_beam=filter_beam
+            folder,
+            device=device,
+            model_name=model_name,
+            max_k=max_k,
+            filter_beam=filter_beam,
+            backend=backend,
         )
+        search = search_backend(rec.model, rec.device, backend)
         if titles is None:
             titles = default_titles(rec.meta)
         catalog = load_catalog(titles, rec.items)
@@ -199,6 +231,7 @@ class Engine:
                 "filter_beam": rec.filter_beam,
                 "time_windows": len(rec.window_bounds) + 1,
                 "device": str(rec.device),
+                "search_backend": search,
                 "titles": catalog.source or None,
                 "valid_recall": valid_recall,
             }
