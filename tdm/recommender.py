@@ -83,6 +83,7 @@ class Recommender:
         self.window_mode = window_mode_of(meta)
         self._item_ids = self.items["item_id"].to_numpy()
         self._id_order = np.argsort(self._item_ids, kind="stable")
+        self._id_table = _id_table(self._item_ids)
         self._popular = np.lexsort(
             (np.arange(len(self.items)), -self.items["train_count"].to_numpy())
         )
@@ -121,6 +122,10 @@ class Recommender:
     def to_index(self, item_ids: np.ndarray) -> np.ndarray:
         """Item indices of raw item ids; -1 for ids the model does not know."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
+        table = self._id_table
+        if table is not None:
+            inside = (item_ids >= 0) & (item_ids < len(table))
+            return np.where(inside, table[np.where(inside, item_ids, 0)], -1).astype(np.int64)
         pos = np.searchsorted(self._item_ids, item_ids, sorter=self._id_order)
         pos = np.minimum(pos, len(self._item_ids) - 1)
         idx = self._id_order[pos]
@@ -349,6 +354,19 @@ class Recommender:
             )
 
         return rank
+
+
+def _id_table(item_ids: np.ndarray) -> np.ndarray | None:
+    """Item index by raw id, -1 for unknown ids, when the ids are non-negative and at most ~4x
+    the number of items (else None: ``to_index`` searches the sorted ids). One look-up per id
+    instead of a binary search over the corpus, whose ~20 steps miss the cache at 1M items
+    after a search has run (~0.1 ms per request)."""
+    n = len(item_ids)
+    if n == 0 or int(item_ids.min()) < 0 or int(item_ids.max()) >= 4 * n + 1024:
+        return None
+    table = np.full(int(item_ids.max()) + 1, -1, dtype=np.int32 if n < 2**31 else np.int64)
+    table[item_ids[::-1]] = np.arange(n - 1, -1, -1)  # the first of repeated ids, as the search
+    return table
 
 
 def _int64(values: Sequence, what: str) -> np.ndarray:
