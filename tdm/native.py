@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["available", "reason", "search", "unsupported"]
 
 SOURCE = Path(__file__).with_name("csrc") / "beam.c"
-FLAGS = ("-O3", "-std=c11", "-shared", "-fPIC", "-fno-math-errno")
+FLAGS = ("-O3", "-std=c11", "-ffp-contract=fast", "-shared", "-fPIC", "-fno-math-errno")
 _KINDS = {DNN: 0, AttentionDNN: 1, ProductDNN: 2}
 MAX_WINDOWS = 64  # beam.c's
 
