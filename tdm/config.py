@@ -180,7 +180,7 @@ class ServeConfig:
     max_request_history: Positive = 1000
     reload_poll_s: Annotated[float, Range(0.0)] = 0.0
     num_threads: Count = 1
-    workers: Annotated[int, Range(1, 64)] = 1
+    workers: Annotated[int, Range(0, 64)] = 0
     backend: Literal["auto", "native", "torch"] = "auto"
 
 

@@ -188,7 +188,7 @@ class Recommender:
         else:
             pairs = list(history)
         ids = _int64([i for i, _ in pairs], "item id")
-        stamps = [None if t is None or pd.isna(t) else t for _, t in pairs]
+        stamps = [None if t is None or (type(t) is not int and pd.isna(t)) else t for _, t in pairs]
         known_times = _int64([t for t in stamps if t is not None], "timestamp")
         if now is None:
             now = int(known_times.max()) if len(known_times) else 0
@@ -371,6 +371,11 @@ def _id_table(item_ids: np.ndarray) -> np.ndarray | None:
 
 def _int64(values: Sequence, what: str) -> np.ndarray:
     """Values as int64, RequestError naming the first one that is not a 64-bit integer."""
+    if all(type(v) is int for v in values):  # the store's and JSON's: one conversion
+        try:
+            return np.array(values, dtype=np.int64)
+        except OverflowError:
+            pass  # named below
     out = np.empty(len(values), dtype=np.int64)
     for i, value in enumerate(values):
         try:

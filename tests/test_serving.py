@@ -8,6 +8,7 @@ tiny synthetic corpus; the tests run with one torch thread.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +28,13 @@ from serving_support import (
     write_model_dir,
 )
 
+from tdm.config import ServeConfig
 from tdm.data.features import eval_batch
 from tdm.data.protocol import load_prepared
 from tdm.metrics import excluded_items
 from tdm.recommender import Recommender, RequestError
-from tdm.serving.app import Service
-from tdm.serving.batcher import BatcherClosed, DynamicBatcher
+from tdm.serving.app import Service, batch_workers
+from tdm.serving.batcher import BatcherClosed, DynamicBatcher, share
 from tdm.serving.engine import Engine, Query
 from tdm.serving.metrics import Metrics
 from tdm.serving.store import Event, SqliteStore, import_prepared
@@ -180,6 +182,35 @@ def test_workers_search_side_by_side_and_close_answers_what_is_queued():
         batcher.submit(1)
     with pytest.raises(ValueError, match="workers"):
         DynamicBatcher(handle, workers=0)
+
+
+def test_a_burst_is_shared_by_the_idle_workers():
+    """With other workers idle a worker takes an even share of the queue and does not wait for
+    company; end to end, a burst is answered by both workers."""
+    assert [share(8, 1, 64), share(9, 1, 64), share(8, 3, 64), share(200, 1, 64)] == [4, 5, 2, 64]
+    assert share(1, 5, 64) == 1 and share(8, 0, 64) == 8 and share(8, 0, 3) == 3
+    names = set()
+
+    def handle(batch):
+        names.add(threading.current_thread().name)
+        time.sleep(0.05)
+        return batch
+
+    batcher = DynamicBatcher(handle, max_batch=64, max_wait_ms=2000, workers=2, name="w")
+    time.sleep(0.1)  # both workers wait on the queue
+    start = time.perf_counter()
+    futures = [batcher.submit(i) for i in range(8)]
+    assert [f.result(5) for f in futures] == list(range(8))
+    assert time.perf_counter() - start < 1.5  # nobody waited max_wait_ms (2 s) for company
+    batcher.close()
+    assert names == {"w-0", "w-1"}
+
+
+def test_serve_workers_zero_means_one_per_core_with_the_c_search():
+    cores = len(os.sched_getaffinity(0))
+    assert batch_workers(ServeConfig(workers=3)) == 3
+    assert batch_workers(ServeConfig(workers=0, backend="torch")) == 1
+    assert batch_workers(ServeConfig(workers=0)) == cores  # the C search is built here
 
 
 def test_a_failing_batch_fails_its_requests_and_the_worker_lives_on():

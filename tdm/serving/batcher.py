@@ -11,14 +11,18 @@ request at a time (no batching).
 A lone client is not kept waiting: the worker waits for company only after a batch that had
 company (its previous batch held more than one request); otherwise it takes what is queued and
 goes. Under load batches stay full; a single client sees no added latency. Several workers
-search side by side (torch releases the GIL inside its operations), one batch each: on a
-machine with more cores than the torch threads of one search, they add throughput.
+search side by side (the C search and torch's operations release the GIL), one batch each: on
+a machine with more cores than one search uses, they add throughput. A worker that finds other
+workers idle does not wait for company and takes its share of what is queued (the queue split
+evenly between it and them), so that a burst is spread over the idle workers instead of
+landing in one batch while the others wait.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
 import time
@@ -32,6 +36,12 @@ Request = TypeVar("Request")
 Answer = TypeVar("Answer")
 
 _STOP = object()
+
+
+def share(waiting: int, idle: int, max_batch: int) -> int:
+    """Requests a worker takes when ``waiting`` are queued (its first included) and ``idle``
+    other workers wait for requests: an even share, at most ``max_batch``."""
+    return max(1, min(max_batch, math.ceil(waiting / (1 + idle))))
 
 
 class BatcherClosed(RuntimeError):
@@ -74,6 +84,8 @@ class DynamicBatcher(Generic[Request, Answer]):
         self.on_batch = on_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
+        self._idle = 0  # workers waiting for a request
+        self._idle_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._run, name=f"{name}-{i}", daemon=True)
             for i in range(workers)
@@ -115,10 +127,14 @@ class DynamicBatcher(Generic[Request, Answer]):
             if item is not _STOP and item[1].set_running_or_notify_cancel():
                 item[1].set_exception(BatcherClosed("the batcher is closed"))
 
-    def _gather(self, first: Any, last_size: int) -> tuple[list[Any], bool]:
+    def _gather(self, first: Any, last_size: int, idle: int) -> tuple[list[Any], bool]:
+        """``first`` and what joins it; ``idle``: the other workers waiting for requests."""
         batch, stop = [first], False
-        deadline = time.monotonic() + (self.max_wait if last_size > 1 else 0.0)
-        while len(batch) < self.max_batch:
+        limit, wait = self.max_batch, self.max_wait if last_size > 1 else 0.0
+        if idle:  # leave the idle workers their share of the queue, and do not wait
+            limit, wait = share(1 + self._queue.qsize(), idle, limit), 0.0
+        deadline = time.monotonic() + wait
+        while len(batch) < limit:
             remaining = deadline - time.monotonic()
             try:
                 item = (
@@ -137,10 +153,15 @@ class DynamicBatcher(Generic[Request, Answer]):
     def _run(self) -> None:
         stop, last_size = False, 0
         while not stop:
+            with self._idle_lock:
+                self._idle += 1
             first = self._queue.get()
+            with self._idle_lock:
+                self._idle -= 1
+                idle = self._idle
             if first is _STOP:
                 break
-            batch, stop = self._gather(first, last_size)
+            batch, stop = self._gather(first, last_size, idle)
             last_size = len(batch)
             live = [(r, f) for r, f in batch if f.set_running_or_notify_cancel()]
             if not live:
