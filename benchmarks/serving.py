@@ -291,7 +291,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "out, with the beam of retrieval.filter_beam; none: nothing left out, beam k); results "
         "of another mode go to serving_filter-<mode>_<host>.json",
     )
-    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
     p.add_argument(
         "--threads",

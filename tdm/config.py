@@ -173,7 +173,7 @@ class ServeConfig:
     store: str = "serving/behaviors.sqlite"
     store_sync: Literal["full", "normal"] = "full"
     titles: str | None = None
-    max_batch: Positive = 64
+    max_batch: Positive = 16
     max_wait_ms: Annotated[float, Range(0.0, 1000.0)] = 2.0
     max_body_bytes: Annotated[int, Range(1024)] = 1_048_576
     max_events: Positive = 1000

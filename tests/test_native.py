@@ -162,6 +162,8 @@ def test_auto_uses_torch_where_c_does_not_apply_and_native_says_why():
         beam_search(model, tree, hist, windows, 5, return_levels=True, backend="native")
     with pytest.raises(ValueError, match="backend 'fast' is not one of"):
         beam_search(model, tree, hist, windows, 5, backend="fast")
+    with pytest.raises(IndexError, match="outside the embedding table"):
+        beam_search(model, tree, hist + tree.n_nodes, windows, 5, backend="native")
     double = trained_looking("dnn", tree, seed=12).double()
     with pytest.raises(ValueError, match="float32 weights"):
         beam_search(double, tree, hist, windows, 5, backend="native")

@@ -20,6 +20,15 @@
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
+/* Keep a loaded vector in a register for its several uses: left alone, GCC folds the load into
+ * every multiply-add that reads it, and the kernels below become load-bound (-11% to -27% per
+ * search with this, on AVX2/AVX-512 machines). */
+#if defined(__AVX__)
+#define KEEP(v) __asm__("" : "+v"(v))
+#else
+#define KEEP(v) ((void)0)
+#endif
+
 static inline v8 load8(const float *p) {
     v8 v;
     memcpy(&v, p, sizeof v);
@@ -169,7 +178,10 @@ static inline __attribute__((always_inline)) void tile4(
     const float *const x[4], int64_t K, const float *W, int64_t ldw, int jv, v8 acc[4][4]) {
     for (int64_t k = 0; k < K; ++k) {
         v8 w[4];
-        for (int j = 0; j < jv; ++j) w[j] = load8(W + k * ldw + 8 * j);
+        for (int j = 0; j < jv; ++j) {
+            w[j] = load8(W + k * ldw + 8 * j);
+            KEEP(w[j]);
+        }
         for (int r = 0; r < 4; ++r) {
             float a = x[r][k];
             for (int j = 0; j < jv; ++j) acc[r][j] += a * w[j];
@@ -228,7 +240,10 @@ static inline __attribute__((always_inline)) void unit_tile(
         }
         for (int64_t d = 0; d < D; ++d) {
             v8 e[5];
-            for (int i = 0; i < nv; ++i) e[i] = load8(ET + d * Mp + 8 * i);
+            for (int i = 0; i < nv; ++i) {
+                e[i] = load8(ET + d * Mp + 8 * i);
+                KEEP(e[i]);
+            }
             const float *ud = u + d * hq + h0;
             for (int j = 0; j < 4; ++j) {
                 float c = ud[j];
