@@ -29,6 +29,13 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 #define KEEP(v) ((void)0)
 #endif
 
+/* max(v, 0) lane by lane: one instruction with AVX, a compare and a mask elsewhere */
+#if defined(__AVX__)
+#define MAX0(v) ((v8)__builtin_ia32_maxps256((v), (v8){0}))
+#else
+#define MAX0(v) ((v8)((v8i)(v) & ((v) > (v8){0})))
+#endif
+
 static inline v8 load8(const float *p) {
     v8 v;
     memcpy(&v, p, sizeof v);
@@ -252,7 +259,7 @@ static inline __attribute__((always_inline)) void unit_tile(
         }
         for (int j = 0; j < 4; ++j) {
             float w = w_pos[h0 + j];
-            for (int i = 0; i < nv; ++i) s[i] += (v8)((v8i)acc[i][j] & (acc[i][j] > zero)) * w;
+            for (int i = 0; i < nv; ++i) s[i] += MAX0(acc[i][j]) * w;
         }
     }
 }
