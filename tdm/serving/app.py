@@ -70,8 +70,8 @@ def _freeze_heap() -> None:
 
     A full collection walks every tracked object: ~200k after the imports, ~85 ms on the
     project's VM, a pause in every request in flight when it runs under load. Requests' own
-    garbage is still collected. After a model switch the previous engine's objects are
-    released first (unfreeze, collect), so that a cycle among them is not kept for ever.
+    garbage is still collected. Each switch unfreezes and collects first, so an engine that was
+    replaced and is kept only by a reference cycle is freed at the next switch at the latest.
     """
     gc.unfreeze()
     gc.collect()

@@ -1,12 +1,13 @@
 """Dynamic batching: concurrent requests answered together by one batched call.
 
 A worker thread (or each of ``workers`` threads, sharing one queue) takes the first waiting
-request, then gathers more for at most ``max_wait_ms``
-or until ``max_batch`` are in hand (whatever is already queued when the wait ends joins too, up
-to ``max_batch``), and hands the batch to ``handle`` in one call. Beam search over a batch of
-users costs little more than over one (``user_state`` and each level's ``score`` run once per
-batch, ``tdm.retrieval``), which is where a busy service gains. ``max_batch=1`` answers one
-request at a time (no batching).
+request, then gathers more for at most ``max_wait_ms`` or until ``max_batch`` are in hand
+(whatever is already queued when the wait ends joins too, up to ``max_batch``), and hands the
+batch to ``handle`` in one call. The torch search over a batch of users costs little more than
+over one (``user_state`` and each level's ``score`` run once per batch, ``tdm.retrieval``); the
+C search costs the same per user in any batch, and a batch shares the work around it (the
+store read, features, one call into C). ``max_batch=1`` answers one request at a time (no
+batching).
 
 A lone client is not kept waiting: the worker waits for company only after a batch that had
 company (its previous batch held more than one request); otherwise it takes what is queued and
